@@ -1,0 +1,73 @@
+"""The ``vlmprune`` command line: run the pipeline or one stage, validate params, serve a schedule."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flows import environment
+
+STAGE_NAMES = ("prepare", "calibrate", "score", "allocate", "prune", "evaluate", "register")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter, e.g. -S pruning.sparsity=0.6 (repeatable)")
+
+    run = sub.add_parser("run", help="run the whole pipeline as one Prefect flow")
+    common(run)
+    one = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    one.add_argument("name", choices=STAGE_NAMES)
+    common(one)
+    one.add_argument("--no-prefect", action="store_true",
+                     help="call the stage function directly, without a Prefect flow run")
+    check = sub.add_parser("validate", help="validate a params file and print the resolved values")
+    common(check)
+    serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
+    common(serve)
+    serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: every day at 03:00)")
+    serve.add_argument("--name", default="vlmprune-nightly", help="deployment name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    environment.configure()
+    from params import ParamsError, load_params
+
+    try:
+        params = load_params(args.params, args.overrides)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        import yaml
+
+        print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+        print(f"{args.params}: valid", file=sys.stderr)
+        return 0
+
+    from flows.pipeline import TASKS, pipeline, stage
+
+    if args.command == "run":
+        outputs = pipeline(args.params, args.overrides)
+        print(f"done: metrics in {outputs['evaluate']}/metrics.json; plots in {outputs['evaluate']}/*.png")
+        print("compare runs: mlflow ui --backend-store-uri sqlite:///$(pwd)/mlflow.db ; dvc metrics show")
+    elif args.command == "stage":
+        if args.no_prefect:
+            TASKS[args.name].fn(params)
+        else:
+            stage(args.name, args.params, args.overrides)
+    elif args.command == "serve":
+        pipeline.serve(name=args.name, cron=args.cron,
+                       parameters={"params_path": args.params, "overrides": args.overrides})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The pruning pipeline as one Prefect flow, and a flow that runs a single stage (what DVC calls).
+
+calibrate -> score -> allocate -> prune -> evaluate -> register, after ``prepare`` (which builds
+the offline default model, or does nothing for any other model).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from params import load_params
+from tasks.allocate import allocate
+from tasks.calibrate import calibrate
+from tasks.evaluate import evaluate
+from tasks.prepare import prepare
+from tasks.prune import prune
+from tasks.register import register
+from tasks.score import score
+
+TASKS = {
+    "prepare": prepare,
+    "calibrate": calibrate,
+    "score": score,
+    "allocate": allocate,
+    "prune": prune,
+    "evaluate": evaluate,
+    "register": register,
+}
+STAGES = tuple(TASKS)
+
+
+@flow(name="vlmprune-pipeline", log_prints=True)
+def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, str]:
+    """Run every stage in order; returns each stage's artifact directory."""
+    params = load_params(params_path, overrides)
+    return {stage: TASKS[stage](params) for stage in STAGES}
+
+
+@flow(name="vlmprune-stage", log_prints=True)
+def stage(name: str, params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
+    """Run one stage (its inputs must exist, as DVC guarantees)."""
+    return TASKS[name](load_params(params_path, overrides))

@@ -1,0 +1,46 @@
+"""``score``: the prunable layout (groups, sizes) and the global importance score of each group."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from params import RunParams
+from tasks.common import calibration_batches, layout, tower_groups
+from tasks.io import atomic_dir, load_model, stage_dir, write_json, write_meta
+from vlmprune.outliers import group_outlier_ratios
+from vlmprune.profiling import measure
+
+
+@task(name="score")
+def score(params: RunParams) -> str:
+    out = stage_dir(params, "score")
+    s = params.scoring
+    with measure() as usage:
+        adapter, loaded = load_model(params)
+        groups = layout(params, adapter, loaded)
+        rows = {g.name: {"name": g.name, "tower": g.tower, "n_params": g.n_params,
+                         "layers": {n: l.weight.numel() for n, l in g.layers.items()}} for g in groups}
+        cost = {}
+        if s.method != "none":
+            from vlmprune.scorers import SCORERS
+
+            batches = calibration_batches(params, s.batch_size, limit=s.n_samples)
+            result = SCORERS.get(s.method)(
+                loaded.model, {g.name: g.layers for g in groups}, adapter.loss, batches,
+                variant=s.variant, seed=s.seed, progress=True,
+            )
+            for name, value in result.group_scores.items():
+                rows[name]["score"] = value
+            cost = {"forward_passes": result.forward_passes, "backward_passes": result.backward_passes}
+        if params.allocation.method == "owl":
+            batches = calibration_batches(params, params.calibration.batch_size)
+            for tower in adapter.towers(loaded.model):
+                members = tower_groups(groups, tower.name)
+                if members:
+                    ratios = group_outlier_ratios(loaded.model, tower.run, batches, members, params.allocation.owl.M)
+                    for name, ratio in ratios.items():
+                        rows[name]["outlier_ratio"] = ratio
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "scores.json", {"method": s.method, "variant": s.variant, "groups": list(rows.values()), **cost})
+        write_meta(tmp, "score", usage.as_dict(), method=s.method)
+    return str(out)

@@ -1,0 +1,65 @@
+"""params.yaml validation: bad values and unknown keys fail before any work, naming the field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from params.schema import ParamsError, load_params, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_params_and_presets_validate():
+    assert load_params(ROOT / "params.yaml").pruning.sparsity == 0.5
+    presets = sorted((ROOT / "params" / "presets").rglob("*.yaml"))
+    assert presets, "no presets shipped"
+    for preset in presets:
+        load_params(preset)
+
+
+def test_sparsity_out_of_range_names_field(tmp_path):
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, {"pruning": {"sparsity": 1.5}}))
+    message = str(error.value)
+    assert "pruning.sparsity = 1.5" in message and "less than 1" in message
+
+
+def test_unknown_key_names_field(tmp_path):
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, {"pruning": {"sparsty": 0.5}}))
+    assert "pruning.sparsty: unknown key" in str(error.value)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("pruning", "method", "obs", "magnitude, sparsegpt, wanda"),
+    ("allocation", "method", "random", "ecoflap, owl, uniform"),
+    ("pruning", "pattern", "3:2", "N:M"),
+    ("calibration", "seed", -1, "greater than or equal to 0"),
+    ("model", "device", "gpu", "cpu, auto, cuda"),
+])
+def test_bad_values_list_allowed(section, key, value, expected):
+    with pytest.raises(ParamsError) as error:
+        validate({section: {key: value}})
+    assert f"{section}.{key}" in str(error.value) and expected in str(error.value)
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    path = write(tmp_path, {"pruning": {"sparsity": 0.5}})
+    params = load_params(path, ["pruning.sparsity=0.6", "pruning.method=wanda", "pruning.pattern=2:4"])
+    assert params.pruning.sparsity == 0.6 and params.pruning.method == "wanda" and params.pruning.nm == (2, 4)
+    with pytest.raises(ParamsError, match="pruning.sparsity"):
+        load_params(path, ["pruning.sparsity=2"])
+
+
+def test_cross_section_checks():
+    with pytest.raises(ParamsError, match="needs scores"):
+        validate({"allocation": {"method": "ecoflap"}})
+    with pytest.raises(ParamsError, match="s_max"):
+        validate({"allocation": {"s_max": 0.4}, "pruning": {"sparsity": 0.5}})

