@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flows import environment
@@ -24,8 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     one = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     one.add_argument("name", choices=STAGE_NAMES)
     common(one)
-    one.add_argument("--no-prefect", action="store_true",
-                     help="call the stage function directly, without a Prefect flow run")
+    one.add_argument("--prefect", choices=("auto", "on", "off"), default="auto",
+                     help="run the stage as a Prefect flow run: on; call it directly: off; auto (default): "
+                          "on when PREFECT_API_URL points at a Prefect server, else off, since a "
+                          "temporary server costs 5-13 s per process")
     check = sub.add_parser("validate", help="validate a params file and print the resolved values")
     common(check)
     serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
@@ -59,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: metrics in {outputs['evaluate']}/metrics.json; plots in {outputs['evaluate']}/*.png")
         print("compare runs: mlflow ui --backend-store-uri sqlite:///$(pwd)/mlflow.db ; dvc metrics show")
     elif args.command == "stage":
-        if args.no_prefect:
-            TASKS[args.name].fn(params)
-        else:
+        use_prefect = args.prefect == "on" or (args.prefect == "auto" and os.environ.get("PREFECT_API_URL"))
+        if use_prefect:
             stage(args.name, args.params, args.overrides)
+        else:
+            TASKS[args.name].fn(params)
     elif args.command == "serve":
         pipeline.serve(name=args.name, cron=args.cron,
                        parameters={"params_path": args.params, "overrides": args.overrides})

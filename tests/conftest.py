@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -14,19 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
-def build_tiny_dual_encoder(seed: int = 0):
-    """A dual encoder with an EfficientNet-lite0 of width 0.25 and a 2-layer BERT of width 32."""
-    from transformers import BertConfig
-
-    from vlmprune.models.dual_encoder import DualEncoder, DualEncoderConfig, packaged_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = packaged_tokenizer()
-    text = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    config = DualEncoderConfig(image_overrides={"width_coefficient": 0.25, "image_size": 32},
-                               image_size=32, text_config=text.to_dict(), embed_dim=16)
-    return DualEncoder(config).eval(), tokenizer
+from tests.tiny import build_tiny_dual_encoder
 
 
 @pytest.fixture(scope="session")
@@ -46,18 +33,3 @@ def prefect_harness():
         yield
 
 
-def tiny_params(model_dir, artifacts, **sections):
-    """Validated params for a fast run on the tiny dual encoder."""
-    from params.schema import validate
-
-    data = {
-        "artifacts": str(artifacts),
-        "model": {"id": str(model_dir)},
-        "calibration": {"n_samples": 16, "batch_size": 8},
-        "scoring": {"n_samples": 8, "batch_size": 4},
-        "evaluation": {"max_samples": 64},
-        "tracking": {"uri": f"sqlite:///{artifacts}/mlflow.db", "model_name": "tiny"},
-    }
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value)
-    return validate(data)

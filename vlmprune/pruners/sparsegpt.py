@@ -28,9 +28,9 @@ With sparsity 0 (unstructured) the weight is returned unchanged with an
 all-False mask: the reference would still prune the lowest-cost weight of each
 block, since its threshold is the smallest cost and the test is ``<=``.
 
-The returned mask is the pruning selection; dead input columns are zeroed as
-in the reference (their inputs are always zero) and, having cost 0, are
-normally selected by the mask anyway.
+Dead input columns (always zero in calibration) are zeroed as in the reference
+and marked in the returned mask, so the mask is exactly the set of zeroed
+weights; with N:M a group holding a dead column may then have more than N zeros.
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ def sparsegpt_prune(
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
 
+    # Dead inputs (never non-zero in calibration) had their weights zeroed up front, as in the
+    # reference: record them in the mask too, so the mask says exactly which weights are zero.
+    mask[:, dead] = True
     return w, mask
 
 

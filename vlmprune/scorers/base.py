@@ -193,6 +193,11 @@ def derived_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for accumulating scores, float32 where the device has no float64 (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar, or a silent stand-in when progress is off."""
     from tqdm.auto import tqdm

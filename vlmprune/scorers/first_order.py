@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .base import (
     SCORERS,
+    accumulation_dtype,
     LossFn,
     ScoreResult,
     check_batches,
@@ -96,16 +97,15 @@ def first_order(
     layers = collect_layers(model, groups)
     weights = [layer.weight for layer in layers]
     reduce = _reducer(variant, norm)
-    totals = {layer.name: torch.zeros((), dtype=torch.float64, device=layer.weight.device) for layer in layers}
+    totals = {
+        layer.name: torch.zeros((), dtype=accumulation_dtype(layer.weight.device), device=layer.weight.device)
+        for layer in layers
+    }
     saved_grads = [(w, w.grad) for w in weights]
     handles = []
     forwards = backwards = 0
     modes = module_modes(model, train=False) if eval_mode else contextlib.nullcontext()
     try:
-        for w in weights:
-            w.grad = None
-        for layer in layers:
-            handles.append(layer.weight.register_post_accumulate_grad_hook(_hook(reduce, totals, layer.name)))
         with (
             modes,
             only_these_require_grad(model, weights),
@@ -114,6 +114,10 @@ def first_order(
             torch.enable_grad(),
             progress_bar(len(batches), "first-order scores", progress) as bar,
         ):
+            for w in weights:
+                w.grad = None
+            for layer in layers:  # a hook needs requires_grad=True when it is registered
+                handles.append(layer.weight.register_post_accumulate_grad_hook(_hook(reduce, totals, layer.name)))
             for b, batch in enumerate(batches):
                 loss = loss_fn(model, batch)
                 forwards += 1
@@ -137,14 +141,13 @@ def first_order(
 
 
 def _reducer(variant: str, norm: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The per-batch scalar of one tensor, from its weight and gradient, in float64."""
-    f64 = torch.float64
+    """The per-batch scalar of one tensor, from its weight and gradient, in float64 (float32 on MPS)."""
     if variant == "grad":
         order = 1 if norm == "l1" else 2
-        return lambda w, g: torch.linalg.vector_norm(g, order, dtype=f64)
+        return lambda w, g: torch.linalg.vector_norm(g, order, dtype=accumulation_dtype(g.device))
     if variant == "weight_grad":
-        return lambda w, g: torch.linalg.vector_norm(w * g, 1, dtype=f64)
-    return lambda w, g: torch.linalg.vector_norm(w * g, 2, dtype=f64).square()
+        return lambda w, g: torch.linalg.vector_norm(w * g, 1, dtype=accumulation_dtype(g.device))
+    return lambda w, g: torch.linalg.vector_norm(w * g, 2, dtype=accumulation_dtype(g.device)).square()
 
 
 def _hook(reduce: Callable[[Tensor, Tensor], Tensor], totals: dict[str, Tensor], name: str):
@@ -159,29 +162,39 @@ def _hook(reduce: Callable[[Tensor, Tensor], Tensor], totals: dict[str, Tensor],
 
 @contextlib.contextmanager
 def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[int]:
-    """Hugging Face activation checkpointing for the duration; yields the extra forwards per batch (0 or 1)."""
+    """Hugging Face activation checkpointing for the duration; yields the extra forwards per batch (0 or 1).
+
+    Leaves the model as found: checkpointing off again (unless it was on
+    before), no input-embedding hook left behind, train/eval flags restored.
+    """
     if not enabled:
         yield 0
         return
     if not hasattr(model, "gradient_checkpointing_enable"):
-        warnings.warn(
-            f"checkpointing=True ignored: {type(model).__name__} has no gradient_checkpointing_enable",
-            stacklevel=4,
-        )
+        warnings.warn(f"checkpointing=True ignored: {type(model).__name__} has no gradient_checkpointing_enable",
+                      stacklevel=4)
         yield 0
         return
-    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    # transformers >= 5 renamed these methods; the old names warn that they are deprecated
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    was_on = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
     had_input_hooks = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
     flags = [(m, m.training) for m in model.modules()]
-    try:
-        if not was_on:
-            # transformers >= 5 renamed the method; the old name warns that it is deprecated
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable()
+    turned_on = False
+    if not was_on:
+        try:
+            if new_api:
+                model.activation_checkpointing_enable()
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # checkpointing only acts on modules in train mode; flag those modules alone
+            turned_on = True
+        except ValueError as err:  # the architecture does not support it
+            warnings.warn(f"checkpointing=True ignored: {err}", stacklevel=4)
+            yield 0
+            return
+    try:
+        # checkpointing only acts on modules in train mode: flag those modules alone, so their
+        # submodules (dropout, attention dropout) stay in whatever mode the caller chose
         for m in model.modules():
             if getattr(m, "gradient_checkpointing", False) is True:
                 m.training = True
@@ -189,10 +202,9 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[int]:
     finally:
         for m, flag in flags:
             m.training = flag
-        if not was_on:
-            disable = getattr(model, "activation_checkpointing_disable", None)
-            if disable is not None:
-                disable()
+        if turned_on:
+            if new_api:
+                model.activation_checkpointing_disable()
             else:
                 model.gradient_checkpointing_disable()
             if not had_input_hooks and hasattr(model, "disable_input_require_grads"):

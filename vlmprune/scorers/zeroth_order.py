@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .base import (
     SCORERS,
     LossFn,
+    accumulation_dtype,
     ScoredLayer,
     ScoreResult,
     check_batches,
@@ -212,6 +213,7 @@ def _scalar_loss(loss: Tensor, unit: str, batch: int) -> float:
 def _weighted(variant: str, d: float, w0: Tensor, z: Tensor) -> float:
     """sum |W| |d z| or sum W^2 (d z)^2 over one tensor's elements, accumulated in float64."""
     wz = w0 * z
+    dtype = accumulation_dtype(wz.device)
     if variant == "weight_grad":
-        return abs(d) * float(torch.linalg.vector_norm(wz, 1, dtype=torch.float64))
-    return d * d * float(torch.linalg.vector_norm(wz, 2, dtype=torch.float64)) ** 2
+        return abs(d) * float(torch.linalg.vector_norm(wz, 1, dtype=dtype))
+    return d * d * float(torch.linalg.vector_norm(wz, 2, dtype=dtype)) ** 2
