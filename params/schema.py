@@ -61,9 +61,29 @@ class PrepareParams(Section):
 
 
 class DataParams(Section):
-    name: Literal["digits", "fashion_mnist"] = "digits"
+    """Image sets (digits, fashion_mnist) for the image families; text corpora (wikipedia,
+    text_file) for the language families. ``path``, ``seq_len``, ``eval_windows`` and ``stride``
+    concern text only (see vlmprune/data/spec.py)."""
+
+    name: Literal["digits", "fashion_mnist", "wikipedia", "text_file"] = "digits"
     test_fraction: float = Field(0.3, gt=0, lt=1)
     seed: int = Field(0, ge=0, description="seed of the train/held-out split")
+    path: str | None = Field(None, description="text_file: the UTF-8 text file (its last test_fraction is held out)")
+    seq_len: int = Field(512, ge=8, le=1_048_576, description="text: tokens per calibration and evaluation window")
+    eval_windows: int | None = Field(40, ge=1, description="text: held-out windows evaluated (all when null)")
+    stride: int | None = Field(None, ge=1, description="text: step between evaluation windows (null = seq_len)")
+
+    @model_validator(mode="after")
+    def _text_fields(self):
+        if self.name == "text_file" and not self.path:
+            raise ValueError("data.name 'text_file' needs data.path: the UTF-8 text file to calibrate and evaluate on")
+        if self.name != "text_file" and self.path is not None:
+            raise ValueError(f"data.path is only read when data.name is 'text_file' (data.name is {self.name!r}): "
+                             "remove data.path or set data.name: text_file")
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"data.stride ({self.stride}) exceeds data.seq_len ({self.seq_len}): tokens between "
+                             "windows would never be scored; lower data.stride")
+        return self
 
 
 class CalibrationParams(Section):
@@ -73,7 +93,7 @@ class CalibrationParams(Section):
 
 
 class ScoringParams(Section):
-    method: str = Field("none", description="global importance scores per group: none, zeroth_order, first_order")
+    method: str = Field("zeroth_order", description="global importance scores per group: none, zeroth_order, first_order")
     variant: Literal["grad", "weight_grad", "weight_grad_sq"] = "grad"
     n_samples: int = Field(32, ge=1, description="scoring uses the first n_samples calibration examples")
     batch_size: int = Field(8, ge=1)
@@ -90,10 +110,12 @@ class ScoringParams(Section):
 class OwlParams(Section):
     lam: float = Field(0.08, ge=0, lt=1)
     M: float = Field(5.0, gt=0)
+    weighted: bool = Field(True, description="shift so the parameter-weighted mean equals the target "
+                                             "(the reference's plain mean over groups: false)")
 
 
 class AllocationParams(Section):
-    method: str = "uniform"
+    method: str = "ecoflap"
     s_max: float | None = Field(None, gt=0, lt=1, description="ecoflap: largest group sparsity (default target + 0.1)")
     owl: OwlParams = OwlParams()
 
@@ -109,7 +131,7 @@ class SparseGPTParams(Section):
 
 
 class PruningParams(Section):
-    method: str = "magnitude"
+    method: str = "wanda"
     sparsity: float = Field(0.5, ge=0, lt=1, description="target fraction of prunable weights set to zero")
     pattern: str = Field("unstructured", description="unstructured or N:M (2:4, 4:8)")
     towers: list[str] | None = Field(None, description="towers to prune; all when omitted")

@@ -18,7 +18,7 @@ def _options(params: RunParams) -> dict:
     if a.method == "ecoflap":
         return {"s_max": a.s_max}
     if a.method == "owl":
-        return {"lam": a.owl.lam, "M": a.owl.M}
+        return {"lam": a.owl.lam, "M": a.owl.M, "weighted": a.owl.weighted}
     return {}
 
 

@@ -60,6 +60,6 @@ def test_overrides_apply_and_validate(tmp_path):
 
 def test_cross_section_checks():
     with pytest.raises(ParamsError, match="needs scores"):
-        validate({"allocation": {"method": "ecoflap"}})
+        validate({"allocation": {"method": "ecoflap"}, "scoring": {"method": "none"}})
     with pytest.raises(ParamsError, match="s_max"):
         validate({"allocation": {"s_max": 0.4}, "pruning": {"sparsity": 0.5}})

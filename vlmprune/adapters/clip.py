@@ -1,0 +1,231 @@
+"""Adapter for CLIP (``CLIPModel``): contrastive image-text dual encoders.
+
+Towers: ``vision`` = the ViT encoder layers (``vision_model.encoder.layers``), ``text`` = the text
+transformer layers (``text_model.encoder.layers``). Embeddings, the final layer norms and the two
+projections are not pruned.
+Calibration loss: CLIP's own symmetric contrastive loss, ``model(..., return_loss=True).loss``, on
+image-caption pairs. Data: the offline image datasets (:mod:`vlmprune.data.images`, digits by
+default) with captions from the training templates; evaluation uses the held-out images and the
+evaluation-only templates:
+
+- ``zero_shot_accuracy`` (prompt-ensembled class embeddings, :mod:`vlmprune.evaluators.zero_shot`);
+- class-aware image-text retrieval: every held-out image is paired with one caption of its class
+  (a seeded evaluation template). Captions of one class are near duplicates, so a retrieved item
+  counts as correct when it belongs to the query's class: ``i2t_r1``/``i2t_r5`` (image -> captions)
+  and ``t2i_r1``/``t2i_r5`` (caption -> images) are the fractions of queries with a correct item in
+  their top 1 / top 5.
+
+Images: greyscale uint8 arrays resized (bilinear) to the vision config's ``image_size``, replicated
+to RGB, scaled to [0, 1] and normalised with the processor's ``image_mean``/``image_std`` (CLIP's
+defaults when the processor has none). The helpers here are shared with BLIP-2 and LLaVA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
+from vlmprune.adapters.causal_lm import architectures, read_config
+from vlmprune.data.images import ImageDataset, load_image_dataset, split_indices
+from vlmprune.data.spec import IMAGE_SOURCES, DataSpec
+from vlmprune.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared with BLIP-2 and LLaVA
+
+def require_images(spec: DataSpec, family: str) -> None:
+    if spec.name not in IMAGE_SOURCES:
+        raise ValueError(f"the {family} family needs an image dataset but data.name is {spec.name!r}: "
+                         f"set data.name to one of: {', '.join(IMAGE_SOURCES)}")
+
+
+def image_split(spec: DataSpec) -> tuple[ImageDataset, np.ndarray, np.ndarray]:
+    data = load_image_dataset(spec.name)
+    train, test = split_indices(len(data), spec.test_fraction, spec.seed)
+    return data, train, test
+
+
+def draw_calibration_images(spec: DataSpec, n_samples: int, seed: int):
+    """``n_samples`` training-split images and one training-template caption each, drawn with ``seed``:
+    (dataset, sorted indices, labels, captions, rng)."""
+    data, train, _ = image_split(spec)
+    if n_samples > len(train):
+        raise ValueError(
+            f"calibration.n_samples={n_samples} but the {spec.name} training split has only {len(train)} "
+            "images: lower calibration.n_samples or data.test_fraction"
+        )
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(train, size=n_samples, replace=False))
+    labels = data.labels[index]
+    templates = rng.integers(len(data.train_templates), size=n_samples)
+    captions = [data.train_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
+    return data, index, labels, captions, rng
+
+
+def image_stats(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    image_processor = getattr(processor, "image_processor", None)
+    mean = getattr(image_processor, "image_mean", None) or CLIP_MEAN
+    std = getattr(image_processor, "image_std", None) or CLIP_STD
+    return tuple(mean), tuple(std)
+
+
+def pixel_values(images: np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 greyscale (n, h, w) -> float (n, 3, size, size): bilinear resize, /255, (x - mean) / std."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1) / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t).contiguous()
+
+
+def tokenizer_of(processor):
+    """The text tokenizer of a processor (or the tokenizer itself)."""
+    return getattr(processor, "tokenizer", None) or processor
+
+
+def load_processor(model_id: str):
+    """``AutoProcessor`` when the model has one, else its ``AutoTokenizer``."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        if getattr(processor, "tokenizer", None) is not None:
+            return processor
+    except Exception:  # noqa: BLE001  (no processor files: fall back to the tokenizer)
+        pass
+    return AutoTokenizer.from_pretrained(model_id)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def features(output) -> torch.Tensor:
+    """``get_*_features`` returns a tensor (transformers 4) or an output whose pooler is the projection (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def recall_at_k(similarity: torch.Tensor, query_labels: np.ndarray, item_labels: np.ndarray, k: int) -> float:
+    """Fraction of queries (rows) with an item of their own label among their ``k`` most similar items."""
+    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices.numpy()
+    hits = (item_labels[top] == query_labels[:, None]).any(axis=1)
+    return float(hits.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+
+@ADAPTERS.register("clip")
+class CLIPAdapter(ModelAdapter):
+    family = "clip"
+
+    def load(self, model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(model_id, dtype=dtype).to(device).eval()
+        return LoadedModel(model, load_processor(model_id))
+
+    def towers(self, model: nn.Module) -> list[Tower]:
+        vision = [(f"vision_model.encoder.layers.{i}", l) for i, l in enumerate(model.vision_model.encoder.layers)]
+        text = [(f"text_model.encoder.layers.{i}", l) for i, l in enumerate(model.text_model.encoder.layers)]
+        return [
+            Tower("vision", vision, lambda m, b: m.vision_model(pixel_values=b["pixel_values"])),
+            Tower("text", text, lambda m, b: m.text_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])),
+        ]
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], return_loss=True).loss
+
+    def save(self, loaded: LoadedModel, directory: Path) -> None:
+        loaded.model.save_pretrained(directory)
+        loaded.processor.save_pretrained(str(directory))
+
+    @classmethod
+    def matches(cls, model_id: str) -> bool:
+        config = read_config(model_id)
+        if config is None:
+            return False
+        return config.model_type == "clip" or "CLIPModel" in architectures(config)
+
+    def _tokenize(self, loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
+        max_length = loaded.model.config.text_config.max_position_embeddings
+        return tokenizer_of(loaded.processor)(texts, padding=True, truncation=True, max_length=max_length,
+                                              return_tensors="pt")
+
+    def _pixels(self, loaded: LoadedModel, images: np.ndarray) -> torch.Tensor:
+        mean, std = image_stats(loaded.processor)
+        return pixel_values(images, loaded.model.config.vision_config.image_size, mean, std)
+
+    def make_calibration(self, loaded: LoadedModel, spec: DataSpec, n_samples: int, seed: int) -> dict[str, torch.Tensor]:
+        """``n_samples`` training-split image-caption pairs (captions from the training templates)."""
+        require_images(spec, self.family)
+        data, index, labels, captions, _ = draw_calibration_images(spec, n_samples, seed)
+        tokens = self._tokenize(loaded, captions)
+        return {
+            "index": torch.from_numpy(index),
+            "pixel_values": self._pixels(loaded, data.images[index]).to(model_dtype(loaded.model)),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "labels": torch.from_numpy(labels),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, loaded: LoadedModel, spec: DataSpec, batch_size: int, max_samples: int | None,
+                 device: str, progress: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Zero-shot accuracy and class-aware retrieval R@1/R@5 on the held-out images.
+
+        Returns ``(metrics, outputs)``; outputs (normalised image, class-text and caption embeddings)
+        feed the cosine fidelity.
+        """
+        require_images(spec, self.family)
+        data, _, test = image_split(spec)
+        test = test[:max_samples] if max_samples else test
+        model, dtype = loaded.model, model_dtype(loaded.model)
+
+        def encode_text(input_ids, attention_mask):
+            return features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+        images = []
+        for start in range(0, len(test), batch_size):
+            pixels = self._pixels(loaded, data.images[test[start:start + batch_size]]).to(device, dtype)
+            images.append(F.normalize(features(model.get_image_features(pixel_values=pixels)).float(), dim=-1).cpu())
+        images = torch.cat(images)
+        labels = data.labels[test]
+        classes = class_embeddings(encode_text, _Tokenize(self, loaded), data.class_names, data.eval_templates,
+                                   device=device)
+        rng = np.random.default_rng(spec.seed)
+        templates = rng.integers(len(data.eval_templates), size=len(test))
+        captions = [data.eval_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
+        texts = []
+        for start in range(0, len(captions), batch_size):
+            tokens = self._tokenize(loaded, captions[start:start + batch_size]).to(device)
+            texts.append(F.normalize(encode_text(tokens["input_ids"], tokens["attention_mask"]).float(), dim=-1).cpu())
+        texts = torch.cat(texts)
+        similarity = images @ texts.T
+        metrics = {
+            "zero_shot_accuracy": zero_shot_accuracy(images, classes, labels),
+            "i2t_r1": recall_at_k(similarity, labels, labels, 1),
+            "i2t_r5": recall_at_k(similarity, labels, labels, 5),
+            "t2i_r1": recall_at_k(similarity.T, labels, labels, 1),
+            "t2i_r5": recall_at_k(similarity.T, labels, labels, 5),
+        }
+        return metrics, {"image": images, "text": classes, "caption": texts}
+
+
+class _Tokenize:
+    """A tokenizer call with the model's text length limit, for :func:`class_embeddings`."""
+
+    def __init__(self, adapter: CLIPAdapter, loaded: LoadedModel):
+        self.adapter, self.loaded = adapter, loaded
+
+    def __call__(self, texts, padding=True, return_tensors="pt"):
+        return self.adapter._tokenize(self.loaded, list(texts))
