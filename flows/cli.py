@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def deployment(name: str, cron: str, params_path: str, overrides: list[str]):
+    """The pipeline flow as a Prefect deployment with a cron schedule."""
+    from flows.pipeline import pipeline
+
+    return pipeline.to_deployment(name=name, cron=cron,
+                                  parameters={"params_path": params_path, "overrides": overrides})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environment.configure()
@@ -68,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             TASKS[args.name].fn(params)
     elif args.command == "serve":
-        pipeline.serve(name=args.name, cron=args.cron,
-                       parameters={"params_path": args.params, "overrides": args.overrides})
+        from prefect import serve
+
+        serve(deployment(args.name, args.cron, args.params, args.overrides))
     return 0
 
 

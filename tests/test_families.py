@@ -306,7 +306,7 @@ def test_smollm2_preset_wikipedia(tmp_path):
 
     preset = Path(__file__).resolve().parents[1] / "params" / "presets" / "smollm2.yaml"
     params = load_params(preset, [f"artifacts={tmp_path / 'artifacts'}", "tracking.enabled=false",
-                                  "calibration.n_samples=8", "calibration.batch_size=4", "data.seq_len=128",
+                                  "calibration.n_samples=8", "calibration.batch_size=4", "scoring.n_samples=8", "data.seq_len=128",
                                   "data.eval_windows=4", "evaluation.batch_size=4"])
     assert params.model.id == "smollm2" and params.pruning.method == "wanda"
     assert detect_family("smollm2") == "causal_lm"

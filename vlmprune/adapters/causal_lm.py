@@ -131,6 +131,17 @@ def _conv1d_to_linear(model: nn.Module) -> list[str]:
     return names
 
 
+def _drop_quantizer(model: nn.Module) -> None:
+    """Forget the GGUF quantizer of a model whose weights were all unpacked to dense floats."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    dense = all(p.is_floating_point() for p in model.parameters()) and not getattr(quantizer, "packed_modules", None)
+    if not dense:
+        raise ValueError("the GGUF checkpoint was loaded with packed (quantized) weights, which cannot be pruned")
+    quantizer.remove_quantization_config(model)
+
+
 # ----------------------------------------------------------------------------------------------
 
 @ADAPTERS.register("causal_lm")
@@ -145,7 +156,14 @@ class CausalLMAdapter(ModelAdapter):
         path, gguf = resolve_model_id(model_id)
         extra = {"gguf_file": gguf} if gguf else {}
         auto = getattr(transformers, self.auto_class)
-        model = auto.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+        if gguf:
+            # unpack every GGUF block into plain dense weights: prunable, and saved as a normal checkpoint
+            model = auto.from_pretrained(path, dtype=dtype, quantization_config=transformers.GgufConfig(dequantize=True),
+                                         **extra)
+            _drop_quantizer(model)
+        else:
+            model = auto.from_pretrained(path, dtype=dtype)
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         converted = _conv1d_to_linear(model)
         return LoadedModel(model, tokenizer, {"conv1d": converted, "source": model_id})
