@@ -1,20 +1,18 @@
 """Zero-shot accuracy of the offline default dual encoder after pruning: allocation x pruner x sparsity.
 
-Runs the pipeline's own stage functions (no tracking) on the model built by ``dvc repro prepare``
-(or by this script if it is missing), and prints a Markdown table; also written to
-benchmarks/results/dual_encoder.md. Usage:
+Runs the pipeline's stage functions (benchmarks/grid.py) on the model built by ``dvc repro prepare``
+(built here if missing), prints a Markdown table and writes it to benchmarks/results/dual_encoder.md.
 
-    python -m benchmarks.dual_encoder [--sparsities 0.3 0.5 0.6] [--out benchmarks/results]
+    python -m benchmarks.dual_encoder [--sparsities 0.3 0.5 0.6]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
 from benchmarks.common import machine, markdown_table
+from benchmarks.grid import Config, run_grid
 from flows.pipeline import TASKS
 from params.schema import load_params
 
@@ -38,30 +36,19 @@ def main() -> None:
 
     base = load_params(args.params)
     if not (Path(base.model.id) / "config.json").exists():
-        TASKS["prepare"].fn(base)
-    dense = json.loads((Path(base.artifacts) / "prepare" / "metrics.json").read_text())["zero_shot_accuracy"]
-    rows = [{"allocation": "dense", "scores": "", "pruner": "", "sparsity": 0.0, "accuracy": dense,
-             "vision": 0.0, "text": 0.0}]
-    with tempfile.TemporaryDirectory() as tmp:
-        for sparsity in args.sparsities:
-            for allocation, scoring, pruner in METHODS:
-                overrides = [f"artifacts={tmp}/run", f"allocation.method={allocation}", f"scoring.method={scoring}",
-                             f"pruning.method={pruner}", f"pruning.sparsity={sparsity}", "tracking.enabled=false"]
-                params = load_params(args.params, overrides)
-                for stage in ("prepare", "calibrate", "score", "allocate", "prune", "evaluate"):
-                    TASKS[stage].fn(params)
-                m = json.loads((Path(tmp) / "run" / "evaluate" / "metrics.json").read_text())
-                row = {"allocation": allocation, "scores": scoring if scoring != "none" else "", "pruner": pruner,
-                       "sparsity": round(m["sparsity"]["overall"], 3), "accuracy": m["pruned"]["zero_shot_accuracy"],
-                       "vision": round(m["sparsity"]["vision"], 3), "text": round(m["sparsity"]["text"], 3),
-                       "score s": m["stages"]["score"]["wall_s"], "prune s": m["stages"]["prune"]["wall_s"]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    columns = ["allocation", "scores", "pruner", "sparsity", "vision", "text", "accuracy", "score s", "prune s"]
-    table = markdown_table(rows, columns)
-    text = (f"Zero-shot accuracy on held-out digits (prompts unseen in training), default dual encoder.\n"
-            f"Machine: {machine()}.\nCommand: python -m benchmarks.dual_encoder "
-            f"--sparsities {' '.join(map(str, args.sparsities))}\n\n{table}\n")
+        TASKS["prepare"].fn(base)  # the default model is built by the prepare stage
+    configs = [Config(a, s, p, sparsity) for sparsity in args.sparsities for a, s, p in METHODS]
+    dense, rows = run_grid(args.params, configs)
+    table = [{"method": "dense", "sparsity": 0.0, "accuracy": dense["metrics"]["zero_shot_accuracy"]}]
+    for r in rows:
+        table.append({"method": r["label"], "sparsity": r["sparsity"]["overall"], "vision": r["sparsity"]["vision"],
+                      "text": r["sparsity"]["text"], "accuracy": r["pruned"]["zero_shot_accuracy"],
+                      "image cos": r["pruned"]["image_cosine"]})
+    text = (f"Zero-shot accuracy on held-out digits (prompt templates unseen in training), default dual encoder,\n"
+            f"both towers pruned; sparsity measured over all prunable weights and per tower.\n"
+            f"Machine: {machine()}.\nCommand: python -m benchmarks.dual_encoder --sparsities "
+            f"{' '.join(map(str, args.sparsities))}\n\n"
+            f"{markdown_table(table, ['method', 'sparsity', 'vision', 'text', 'accuracy', 'image cos'])}\n")
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "dual_encoder.md").write_text(text)

@@ -8,7 +8,7 @@ import sys
 
 from flows import environment
 
-STAGE_NAMES = ("prepare", "calibrate", "score", "allocate", "prune", "evaluate", "register")
+STAGE_NAMES = ("prepare", "calibrate", "baseline", "score", "allocate", "prune", "evaluate", "register")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """The pruning pipeline as one Prefect flow, and a flow that runs a single stage (what DVC calls).
 
 calibrate -> score -> allocate -> prune -> evaluate -> register, after ``prepare`` (which builds
-the offline default model, or does nothing for any other model).
+the offline default model, or does nothing for any other model); ``baseline`` evaluates the dense
+model once, beside them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from prefect import flow
 from params import load_params
 from tasks.allocate import allocate
 from tasks.calibrate import calibrate
-from tasks.evaluate import evaluate
+from tasks.evaluate import baseline, evaluate
 from tasks.prepare import prepare
 from tasks.prune import prune
 from tasks.register import register
@@ -20,6 +21,7 @@ from tasks.score import score
 TASKS = {
     "prepare": prepare,
     "calibrate": calibrate,
+    "baseline": baseline,
     "score": score,
     "allocate": allocate,
     "prune": prune,

@@ -1,10 +1,13 @@
-"""``evaluate``: dense and pruned metrics side by side, measured sparsity, stage costs, plots."""
+"""``baseline`` evaluates the dense model once (DVC reruns it only when the model, data or evaluation
+params change); ``evaluate`` evaluates the pruned model and writes both side by side, with
+label-free fidelity, measured sparsity, stage costs and plots."""
 
 from __future__ import annotations
 
 import csv
 
 from prefect import task
+from safetensors.torch import load_file, save_file
 
 from params import RunParams
 from tasks.io import atomic_dir, data_spec, load_model, read_json, resolve_device, stage_dir, write_json, write_meta
@@ -12,7 +15,7 @@ from vlmprune.evaluators.fidelity import fidelity
 from vlmprune.plots import dense_vs_pruned, sparsity_per_group
 from vlmprune.profiling import measure
 
-STAGES = ("prepare", "calibrate", "score", "allocate", "prune")
+STAGES = ("prepare", "calibrate", "baseline", "score", "allocate", "prune")
 
 
 def _evaluate(params: RunParams, model_id: str):
@@ -22,12 +25,26 @@ def _evaluate(params: RunParams, model_id: str):
                             resolve_device(params.model.device), progress=True)
 
 
+@task(name="baseline")
+def baseline(params: RunParams) -> str:
+    out = stage_dir(params, "baseline")
+    with measure() as usage:
+        metrics, outputs = _evaluate(params, params.model.id)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        save_file({k: v.contiguous() for k, v in outputs.items()}, str(tmp / "outputs.safetensors"))
+        write_meta(tmp, "baseline", usage.as_dict())
+    return str(out)
+
+
 @task(name="evaluate")
 def evaluate(params: RunParams) -> str:
     out = stage_dir(params, "evaluate")
     pruned_dir = stage_dir(params, "prune")
+    dense_dir = stage_dir(params, "baseline")
+    dense_metrics = read_json(dense_dir / "metrics.json")
+    dense_outputs = load_file(str(dense_dir / "outputs.safetensors"))
     with measure() as usage:
-        dense_metrics, dense_outputs = _evaluate(params, params.model.id)
         pruned_metrics, pruned_outputs = _evaluate(params, str(pruned_dir / "model"))
     dense_metrics.update(fidelity(dense_outputs, dense_outputs))
     pruned_metrics.update(fidelity(dense_outputs, pruned_outputs))

@@ -18,7 +18,7 @@ def run(artifacts, model_id, **sections):
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     params = validate(data)
-    for stage in ("prepare", "calibrate", "score", "allocate", "prune", "evaluate"):
+    for stage in ("prepare", "calibrate", "baseline", "score", "allocate", "prune", "evaluate"):
         TASKS[stage].fn(params)
     return json.loads((artifacts / "evaluate" / "metrics.json").read_text())
 

@@ -55,7 +55,7 @@ def test_repro_runs_then_skips(project):
     assert (repo / "mlflow.db").exists()
     second = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage" not in second
-    for stage in ("calibrate", "score", "allocate", "prune", "evaluate", "register"):
+    for stage in ("calibrate", "baseline", "score", "allocate", "prune", "evaluate", "register"):
         assert f"Stage '{stage}' didn't change, skipping" in second
     shown = sh("dvc", "metrics", "show", cwd=repo, env=env)
     assert "pruned.zero_shot_accuracy" in shown
