@@ -14,14 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.pipeline import TASKS
+from flows.pipeline import STAGES, TASKS
 from params.schema import ParamsError, validate
 from tests.tiny import (build_tiny_bert, build_tiny_blip2, build_tiny_causal_lm, build_tiny_clip, build_tiny_llava,
                         save_tiny)
 from vlmprune.adapters import ADAPTERS, detect_family
 from vlmprune.data.spec import DataSpec
 
-STAGES = ("prepare", "calibrate", "score", "allocate", "prune", "evaluate")
 TEXT_DATA = {"name": "wikipedia", "seq_len": 64, "eval_windows": 6}
 IMAGE_DATA = {"name": "digits"}
 BUILDERS = {
@@ -215,7 +214,6 @@ def test_too_short_corpus_names_the_field(saved, tmp_path):
 
 
 def test_text_file_corpus_runs_and_keeps_held_out_text_apart(saved, tmp_path):
-    from tests.tiny import tiny_text_tokenizer
     from vlmprune.data.text import load_text_corpus
 
     path = tmp_path / "corpus.txt"
@@ -230,7 +228,6 @@ def test_text_file_corpus_runs_and_keeps_held_out_text_apart(saved, tmp_path):
     run_stages(params)
     assert math.isfinite(json.loads((tmp_path / "artifacts" / "evaluate" / "metrics.json").read_text())
                          ["pruned"]["perplexity"])
-    assert tiny_text_tokenizer() is not None
 
 
 def test_wikipedia_split_is_by_article_and_seeded():
@@ -295,6 +292,31 @@ def test_perplexity_formula_and_window_scoring():
     out = fidelity({"next_token_logits": logits, "image": torch.ones(3, 4)},
                    {"next_token_logits": logits, "image": torch.ones(3, 4)})
     assert out == {"image_cosine": pytest.approx(1.0), "next_token_kl": 0.0, "next_token_top1_agreement": 1.0}
+
+
+def test_perplexity_matches_the_models_own_loss(saved):
+    """Non-overlapping windows: PPL = exp(mean over windows of the model's own next-token loss)."""
+    from vlmprune.evaluators.perplexity import perplexity
+
+    adapter = ADAPTERS.get("causal_lm")()
+    model = adapter.load(str(saved("llama")), torch.float32, "cpu").model
+    windows = torch.randint(1000, 5000, (3, 24))
+    result = perplexity(lambda ids: model(input_ids=ids).logits, windows, torch.ones(3, dtype=torch.long), 2,
+                        vocab_size=model.config.vocab_size)
+    with torch.no_grad():
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    assert result.n_tokens == 3 * 23
+    assert result.perplexity == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
+
+
+def test_vqa_answer_normalisation():
+    from vlmprune.adapters.blip2 import accepted_answers, normalize_answer
+
+    assert normalize_answer("  The Seven.\nmore text") == "seven"
+    assert normalize_answer("an Ankle boot!") == "ankle boot"
+    digits = accepted_answers("digits", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    assert digits[7] == {"seven", "7"}
+    assert accepted_answers("fashion_mnist", ["t-shirt"])[0] == {"tshirt"}
 
 
 @pytest.mark.slow

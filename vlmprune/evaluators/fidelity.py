@@ -16,11 +16,6 @@ def embedding_cosine(dense: torch.Tensor, pruned: torch.Tensor) -> float:
     return float(F.cosine_similarity(dense.float(), pruned.float(), dim=-1).mean())
 
 
-def fidelity(dense: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``{name}_cosine`` for every output the two evaluations share."""
-    return {f"{name}_cosine": embedding_cosine(dense[name], pruned[name]) for name in dense if name in pruned}
-
-
 # Next-token distributions (language-model outputs). An output whose name ends in ``logits`` holds
 # (positions, vocab) logits or log-probabilities of the same positions for both models.
 
@@ -52,11 +47,9 @@ def distribution_fidelity(dense: dict[str, torch.Tensor], pruned: dict[str, torc
     return out
 
 
-_embedding_fidelity = fidelity
-
-
-def fidelity(dense: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor]) -> dict[str, float]:  # noqa: F811
+def fidelity(dense: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor]) -> dict[str, float]:
     """``{name}_cosine`` for every shared embedding output; KL divergence and top-1 agreement of the
     next-token distributions for every shared output whose name ends in ``logits``."""
-    embeddings = {k: v for k, v in dense.items() if not k.endswith("logits")}
-    return {**_embedding_fidelity(embeddings, pruned), **distribution_fidelity(dense, pruned)}
+    cosines = {f"{name}_cosine": embedding_cosine(dense[name], pruned[name])
+               for name in dense if name in pruned and not name.endswith("logits")}
+    return {**cosines, **distribution_fidelity(dense, pruned)}

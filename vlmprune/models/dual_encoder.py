@@ -119,9 +119,10 @@ class DualEncoder(nn.Module):
 
 def is_dual_encoder_dir(path: str | Path) -> bool:
     config = Path(path) / CONFIG_NAME
-    if not config.exists():
+    try:
+        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
         return False
-    return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
 
 
 def packaged_tokenizer():
