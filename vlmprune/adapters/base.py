@@ -89,9 +89,10 @@ class ModelAdapter(ABC):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The model's own scalar training loss on one calibration batch (for global scoring)."""
 
-    @abstractmethod
     def save(self, loaded: LoadedModel, directory: Path) -> None:
-        """Save model and processor so that :meth:`load` reads them back."""
+        """Save model and processor so that :meth:`load` reads them back (``save_pretrained`` of both)."""
+        loaded.model.save_pretrained(directory)
+        loaded.processor.save_pretrained(str(directory))
 
     @abstractmethod
     def make_calibration(self, loaded: LoadedModel, spec: DataSpec, n_samples: int, seed: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ among all held-out windows, is their own; averaged with the reverse direction) a
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -97,10 +96,6 @@ class BertAdapter(ModelAdapter):
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return span_contrastive_loss(embed(model, batch["input_ids_a"]), embed(model, batch["input_ids_b"]))
-
-    def save(self, loaded: LoadedModel, directory: Path) -> None:
-        loaded.model.save_pretrained(directory)
-        loaded.processor.save_pretrained(str(directory))
 
     @classmethod
     def matches(cls, model_id: str) -> bool:

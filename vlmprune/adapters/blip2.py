@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import string
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +27,8 @@ import torch.nn as nn
 
 from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
 from vlmprune.adapters.causal_lm import architectures, find_layer_list, lm_loss, pad_token_id, read_config
-from vlmprune.adapters.clip import (draw_calibration_images, image_split, image_stats, load_processor, model_dtype,
-                                    pixel_values, require_images, tokenizer_of)
+from vlmprune.adapters.clip import image_stats, load_processor, model_dtype, pixel_values, require_images, tokenizer_of
+from vlmprune.data.images import draw_calibration_images, image_split
 from vlmprune.data.spec import DataSpec
 from vlmprune.evaluators.perplexity import KEPT_BUDGET, kept_positions
 
@@ -108,10 +107,6 @@ class ImageToTextAdapter(ModelAdapter):
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return lm_loss(self._run_full(model, batch).logits, batch["labels"])
-
-    def save(self, loaded: LoadedModel, directory: Path) -> None:
-        loaded.model.save_pretrained(directory)
-        loaded.processor.save_pretrained(str(directory))
 
     def _text_ids(self, loaded: LoadedModel, text: str) -> list[int]:
         return tokenizer_of(loaded.processor)(text, add_special_tokens=False)["input_ids"] if text else []

@@ -22,7 +22,6 @@ defaults when the processor has none). The helpers here are shared with BLIP-2 a
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
 from vlmprune.adapters.causal_lm import architectures, read_config
-from vlmprune.data.images import ImageDataset, load_image_dataset, split_indices
+from vlmprune.data.images import draw_calibration_images, image_split
 from vlmprune.data.spec import IMAGE_SOURCES, DataSpec
 from vlmprune.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
 
@@ -46,29 +45,6 @@ def require_images(spec: DataSpec, family: str) -> None:
     if spec.name not in IMAGE_SOURCES:
         raise ValueError(f"the {family} family needs an image dataset but data.name is {spec.name!r}: "
                          f"set data.name to one of: {', '.join(IMAGE_SOURCES)}")
-
-
-def image_split(spec: DataSpec) -> tuple[ImageDataset, np.ndarray, np.ndarray]:
-    data = load_image_dataset(spec.name)
-    train, test = split_indices(len(data), spec.test_fraction, spec.seed)
-    return data, train, test
-
-
-def draw_calibration_images(spec: DataSpec, n_samples: int, seed: int):
-    """``n_samples`` training-split images and one training-template caption each, drawn with ``seed``:
-    (dataset, sorted indices, labels, captions, rng)."""
-    data, train, _ = image_split(spec)
-    if n_samples > len(train):
-        raise ValueError(
-            f"calibration.n_samples={n_samples} but the {spec.name} training split has only {len(train)} "
-            "images: lower calibration.n_samples or data.test_fraction"
-        )
-    rng = np.random.default_rng(seed)
-    index = np.sort(rng.choice(train, size=n_samples, replace=False))
-    labels = data.labels[index]
-    templates = rng.integers(len(data.train_templates), size=n_samples)
-    captions = [data.train_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
-    return data, index, labels, captions, rng
 
 
 def image_stats(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -144,10 +120,6 @@ class CLIPAdapter(ModelAdapter):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"], return_loss=True).loss
-
-    def save(self, loaded: LoadedModel, directory: Path) -> None:
-        loaded.model.save_pretrained(directory)
-        loaded.processor.save_pretrained(str(directory))
 
     @classmethod
     def matches(cls, model_id: str) -> bool:

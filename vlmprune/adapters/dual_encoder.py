@@ -11,22 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
-from vlmprune.data.images import load_image_dataset, split_indices, to_pixel_values
+from vlmprune.data.images import draw_calibration_images, image_split, to_pixel_values
 from vlmprune.data.spec import DataSpec
 from vlmprune.evaluators.zero_shot import class_embeddings, embed_images, zero_shot_accuracy
 from vlmprune.models.dual_encoder import DualEncoder, is_dual_encoder_dir
 from vlmprune.models.train_heads import multi_positive_contrastive_loss
-
-
-def _split(spec: DataSpec):
-    data = load_image_dataset(spec.name)
-    train, test = split_indices(len(data), spec.test_fraction, spec.seed)
-    return data, train, test
 
 
 @ADAPTERS.register("dual_encoder")
@@ -71,17 +64,7 @@ class DualEncoderAdapter(ModelAdapter):
         Each image is paired with a caption of its class from a training template, also drawn with
         ``seed``; held-out images and evaluation templates are never used for calibration.
         """
-        data, train, _ = _split(spec)
-        if n_samples > len(train):
-            raise ValueError(
-                f"calibration.n_samples={n_samples} but the {spec.name} training split has only {len(train)} "
-                "images: lower calibration.n_samples or data.test_fraction"
-            )
-        rng = np.random.default_rng(seed)
-        index = np.sort(rng.choice(train, size=n_samples, replace=False))
-        labels = data.labels[index]
-        templates = rng.integers(len(data.train_templates), size=n_samples)
-        captions = [data.train_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
+        data, index, labels, captions, _ = draw_calibration_images(spec, n_samples, seed)
         tokens = loaded.processor(captions, padding=True, return_tensors="pt")
         return {
             "index": torch.from_numpy(index),
@@ -98,7 +81,7 @@ class DualEncoderAdapter(ModelAdapter):
         Returns ``(metrics, embeddings)``; the embeddings (images, class texts) feed the label-free
         fidelity metrics that compare a pruned model with its dense parent.
         """
-        data, _, test = _split(spec)
+        data, _, test = image_split(spec)
         test = test[:max_samples] if max_samples else test
         model, tokenizer = loaded.model, loaded.processor
         images = embed_images(model.encode_image, data.images[test], model.config.image_size,

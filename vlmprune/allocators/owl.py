@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from .base import ALLOCATORS, GroupInfo, check_groups, check_target

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlmprune.data.spec import DataSpec
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -141,3 +143,27 @@ def to_pixel_values(images: np.ndarray, size: int) -> torch.Tensor:
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = (x - 127.0) / 128.0
     return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def image_split(spec: DataSpec) -> tuple[ImageDataset, np.ndarray, np.ndarray]:
+    """The dataset of ``spec`` and its seeded (train, held-out) indices."""
+    data = load_image_dataset(spec.name)
+    train, test = split_indices(len(data), spec.test_fraction, spec.seed)
+    return data, train, test
+
+
+def draw_calibration_images(spec: DataSpec, n_samples: int, seed: int):
+    """``n_samples`` training-split images and one training-template caption each, drawn with ``seed``:
+    (dataset, sorted indices, labels, captions, rng)."""
+    data, train, _ = image_split(spec)
+    if n_samples > len(train):
+        raise ValueError(
+            f"calibration.n_samples={n_samples} but the {spec.name} training split has only {len(train)} "
+            "images: lower calibration.n_samples or data.test_fraction"
+        )
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(train, size=n_samples, replace=False))
+    labels = data.labels[index]
+    templates = rng.integers(len(data.train_templates), size=n_samples)
+    captions = [data.train_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
+    return data, index, labels, captions, rng
