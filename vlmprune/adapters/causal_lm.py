@@ -21,6 +21,7 @@ weights back in the Conv1D layout on save, so the saved model is a normal GPT-2 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -44,12 +45,15 @@ LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neo
 # ----------------------------------------------------------------------------------------------
 # helpers shared with the other language-model families (BLIP-2, LLaVA)
 
+@functools.lru_cache(maxsize=64)
 def read_config(model_id: str):
-    """The model's config through ``AutoConfig`` (local dirs, or the hub when online); None on failure."""
+    """The model's config through ``AutoConfig`` (packaged aliases, local dirs, or the hub when
+    online); None on failure. Cached: family detection asks every adapter, and a hub miss retries."""
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(model_id)
+        path, gguf = resolve_model_id(model_id)
+        return AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
     except Exception:  # noqa: BLE001  (any failure means "not recognised")
         return None
 
