@@ -8,6 +8,11 @@ from prefect import task
 
 from params import RunParams
 from tasks.io import atomic_dir, data_spec, stage_dir, write_json, write_meta
+from vlmprune.adapters.base import LoadedModel
+from vlmprune.adapters.dual_encoder import DualEncoderAdapter
+from vlmprune.data.images import image_split
+from vlmprune.models.dual_encoder import DualEncoder, packaged_tokenizer
+from vlmprune.models.train_heads import train_heads
 from vlmprune.profiling import measure
 
 
@@ -24,18 +29,11 @@ def prepare(params: RunParams) -> str:
             write_meta(tmp, "prepare", {}, skipped=f"model.id is {params.model.id!r}; nothing to prepare")
         return str(out)
 
-    from vlmprune.adapters.dual_encoder import DualEncoderAdapter
-    from vlmprune.adapters.base import LoadedModel
-    from vlmprune.data.images import load_image_dataset, split_indices
-    from vlmprune.models.dual_encoder import DualEncoder, packaged_tokenizer
-    from vlmprune.models.train_heads import train_heads
-
     p, spec = params.prepare, data_spec(params)
     with measure() as usage:
         model = DualEncoder.from_packaged_towers(embed_dim=p.embed_dim, image_size=p.image_size)
         tokenizer = packaged_tokenizer()
-        data = load_image_dataset(spec.name)
-        train, _ = split_indices(len(data), spec.test_fraction, spec.seed)
+        data, train, _ = image_split(spec)
         result = train_heads(model, tokenizer, data.subset(train), epochs=p.epochs,
                              batch_size=p.batch_size, lr=p.lr, seed=p.seed)
         loaded = LoadedModel(model, tokenizer)

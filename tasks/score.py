@@ -9,6 +9,7 @@ from tasks.common import calibration_batches, layout, tower_groups
 from tasks.io import atomic_dir, load_model, stage_dir, write_json, write_meta
 from vlmprune.outliers import group_outlier_ratios
 from vlmprune.profiling import measure
+from vlmprune.scorers import SCORERS
 
 
 @task(name="score")
@@ -22,8 +23,6 @@ def score(params: RunParams) -> str:
                          "layers": {n: l.weight.numel() for n, l in g.layers.items()}} for g in groups}
         cost = {}
         if s.method != "none":
-            from vlmprune.scorers import SCORERS
-
             batches = calibration_batches(params, s.batch_size, limit=s.n_samples)
             result = SCORERS.get(s.method)(
                 loaded.model, {g.name: g.layers for g in groups}, adapter.loss, batches,

@@ -144,3 +144,19 @@ def test_whole_flow_under_prefect(prefect_harness, tiny_dual_encoder_dir, tmp_pa
     assert set(outputs) == set(STAGES)
     metrics = json.loads((tmp_path / "artifacts" / "evaluate" / "metrics.json").read_text())
     assert metrics["sparsity"]["overall"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_head_training_is_seeded():
+    from tests.tiny import build_tiny_dual_encoder
+    from vlmprune.data.images import load_image_dataset
+    from vlmprune.models.train_heads import train_heads
+
+    data = load_image_dataset("digits", max_samples=64, seed=0)
+    weights = []
+    for build_seed in (0, 1):  # different random heads before training: the seed decides
+        model, tokenizer = build_tiny_dual_encoder(seed=0)
+        torch.manual_seed(build_seed)
+        model.image_projection.reset_parameters()
+        train_heads(model, tokenizer, data, epochs=2, batch_size=32, seed=3)
+        weights.append(model.image_projection.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])

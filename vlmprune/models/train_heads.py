@@ -50,9 +50,17 @@ def _tower_features(model: DualEncoder, tokenizer, data: ImageDataset, batch_siz
 
 def train_heads(model: DualEncoder, tokenizer, data: ImageDataset, epochs: int = 30, batch_size: int = 128,
                 lr: float = 1e-3, seed: int = 0) -> HeadTrainingResult:
-    """Fit ``image_projection``, ``text_projection`` and ``logit_scale`` on ``data``; towers untouched."""
+    """Fit ``image_projection``, ``text_projection`` and ``logit_scale`` on ``data``; towers untouched.
+
+    The heads are re-initialised from ``seed`` first, so the result depends only on the towers,
+    the data and the seed.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    model.image_projection.reset_parameters()
+    model.text_projection.reset_parameters()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.6592)  # log(1 / 0.07), CLIP's initial temperature
     model.eval()
     image_feats, text_feats = _tower_features(model, tokenizer, data, batch_size=64)
     labels = torch.from_numpy(data.labels)
@@ -73,4 +81,4 @@ def train_heads(model: DualEncoder, tokenizer, data: ImageDataset, epochs: int =
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return HeadTrainingResult(final_loss=float(loss), epochs=epochs)
+    return HeadTrainingResult(final_loss=loss.item(), epochs=epochs)
