@@ -6,6 +6,8 @@ Prints a Markdown table (also written to benchmarks/results/llm_<profile>.md).
 
     python -m benchmarks.llm --profile quick    # 2 CPU cores: 32 x 256-token calibration windows
     python -m benchmarks.llm --profile full     # the papers' sizes: 128 x 512 calibration, 40 x 512 eval
+    python -m benchmarks.llm --sparsities 0.6   # the profile's sizes; uniform, OWL and first-order
+                                                # ECoFLaP at these sparsities only (llm_<profile>_<s>.md)
 """
 
 from __future__ import annotations
@@ -41,11 +43,19 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--params", default="params/presets/smollm2.yaml")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sparsities", type=float, nargs="+",
+                        help="instead of the profile's grid: unstructured configurations at these sparsities")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
     base = [*PROFILES[args.profile], f"model.device={args.device}"]
-    dense, rows = run_grid(args.params, GRIDS[args.profile], base)
+    grid, name = GRIDS[args.profile], f"llm_{args.profile}"
+    if args.sparsities:
+        grid = [Config(a, sc, p, s) for s in args.sparsities for a, sc, p in
+                (("uniform", "none", "magnitude"), ("uniform", "none", "wanda"), ("uniform", "none", "sparsegpt"),
+                 ("owl", "none", "wanda"), ("ecoflap", "first_order", "wanda"), ("ecoflap", "first_order", "sparsegpt"))]
+        name += "_" + "_".join(f"{s:g}" for s in args.sparsities)
+    dense, rows = run_grid(args.params, grid, base)
     table = [{"method": "dense", "sparsity": 0.0, "perplexity": dense["metrics"]["perplexity"],
               "eval s": dense["baseline"]["wall_s"]}]
     for r in rows:
@@ -61,11 +71,12 @@ def main() -> None:
             f"profile {args.profile}: {' '.join(PROFILES[args.profile])}.\n"
             f"Peak MB = peak resident memory of the process during the stage (model loading included).\n"
             f"Dense calibration sample drawn in {dense['calibrate']['wall_s']:.0f} s.\n"
-            f"Machine: {machine()}.\nCommand: python -m benchmarks.llm --profile {args.profile}\n\n"
+            f"Machine: {machine()}.\nCommand: python -m benchmarks.llm --profile {args.profile}"
+            f"{' --sparsities ' + ' '.join(map(str, args.sparsities)) if args.sparsities else ''}\n\n"
             f"{markdown_table(table, columns)}\n")
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"llm_{args.profile}.md").write_text(text)
+    (Path(args.out) / f"{name}.md").write_text(text)
 
 
 if __name__ == "__main__":
