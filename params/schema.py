@@ -98,6 +98,11 @@ class ScoringParams(Section):
     n_samples: int = Field(32, ge=1, description="scoring uses the first n_samples calibration examples")
     batch_size: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
+    cache_inputs: bool = Field(True, description="zeroth_order: run each perturbed forward from the perturbed "
+                                                 "block on, the earlier blocks answering from a clean forward")
+    difference: Literal["central", "forward"] = Field(
+        "central", description="zeroth_order: central (2 forwards per block, the reference) or forward "
+                               "(1 forward per block, reuses the clean loss; needs cache_inputs)")
 
     @field_validator("method")
     @classmethod
@@ -105,6 +110,13 @@ class ScoringParams(Section):
         if v == "none":
             return v
         return _check_name(v, SCORERS, "scoring.method")
+
+    @model_validator(mode="after")
+    def _difference(self):
+        if self.difference == "forward" and not (self.method == "zeroth_order" and self.cache_inputs):
+            raise ValueError("scoring.difference 'forward' needs scoring.method: zeroth_order and "
+                             "scoring.cache_inputs: true (it reuses the clean loss of the cached forward)")
+        return self
 
 
 class OwlParams(Section):

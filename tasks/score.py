@@ -12,6 +12,19 @@ from vlmprune.profiling import measure
 from vlmprune.scorers import SCORERS
 
 
+def _scorer_options(params: RunParams, adapter, loaded) -> dict:
+    """Zeroth-order options: the blocks of every tower, so perturbed forwards start at their block."""
+    s = params.scoring
+    if s.method != "zeroth_order" or not s.cache_inputs:
+        return {}
+    towers = adapter.towers(loaded.model)
+    return {
+        "blocks": {name: module for tower in towers for name, module in tower.groups},
+        "towers": {tower.name: [name for name, _ in tower.groups] for tower in towers},
+        "difference": s.difference,
+    }
+
+
 @task(name="score")
 def score(params: RunParams) -> str:
     out = stage_dir(params, "score")
@@ -26,7 +39,7 @@ def score(params: RunParams) -> str:
             batches = calibration_batches(params, s.batch_size, limit=s.n_samples)
             result = SCORERS.get(s.method)(
                 loaded.model, {g.name: g.layers for g in groups}, adapter.loss, batches,
-                variant=s.variant, seed=s.seed, progress=True,
+                variant=s.variant, seed=s.seed, progress=True, **_scorer_options(params, adapter, loaded),
             )
             for name, value in result.group_scores.items():
                 rows[name]["score"] = value

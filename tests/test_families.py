@@ -340,3 +340,27 @@ def test_smollm2_preset_wikipedia(tmp_path):
     assert metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)
     assert detect_family(str(tmp_path / "artifacts" / "prune" / "model")) == "causal_lm"
     assert (tmp_path / "artifacts" / "prune" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name,family", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "bert"),
+                                         ("clip", "clip"), ("blip2", "blip2_qformer"), ("llava", "llava")])
+def test_cached_zeroth_order_matches_full_forwards(name, family, saved):
+    """Perturbed forwards that start at their block (earlier blocks answer from a clean forward) give
+    the scores of full forwards, for every family's forward structure."""
+    from vlmprune.scorers import SCORERS
+    from vlmprune.sparsity import model_layout
+
+    adapter = ADAPTERS.get(family)()
+    loaded = adapter.load(str(saved(name)), torch.float32, "cpu")
+    data = adapter.make_calibration(loaded, DataSpec(**BUILDERS[name][2]), 4, 0)
+    batches = [{k: v[:2] for k, v in data.items()}, {k: v[2:] for k, v in data.items()}]
+    towers = adapter.towers(loaded.model)
+    groups = {g.name: g.layers for g in model_layout(loaded.model, towers)}
+    scorer = SCORERS.get("zeroth_order")
+    full = scorer(loaded.model, groups, adapter.loss, batches)
+    cached = scorer(loaded.model, groups, adapter.loss, batches,
+                    blocks={n: m for t in towers for n, m in t.groups},
+                    towers={t.name: [n for n, _ in t.groups] for t in towers})
+    assert len({t.name for t in towers}) >= (1 if family in ("causal_lm", "bert") else 2)
+    for group, value in full.group_scores.items():
+        assert cached.group_scores[group] == pytest.approx(value, rel=1e-3), group

@@ -410,3 +410,76 @@ def test_registry_and_no_orchestration_imports():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- forwards from the perturbed block
+
+
+def llama_blocks(model):
+    return {f"layer{i}": layer for i, layer in enumerate(model.model.layers)}
+
+
+@pytest.mark.parametrize("granularity", ["group", "tensor"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_blocks_give_the_same_scores_with_fewer_block_calls(granularity, variant):
+    model = llama(factors=(3.0, 1.0, 0.3))
+    groups, batches, blocks = llama_groups(model), llama_batches(), llama_blocks(model)
+    calls = {name: 0 for name in blocks}
+    for name, block in blocks.items():  # count real work: a skipped block never calls its MLP
+        block.mlp.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls[name] + 1))
+    full = zeroth_order(model, groups, llama_loss, batches, variant=variant, granularity=granularity)
+    full_calls = dict(calls)
+    calls.update({name: 0 for name in calls})
+    cached = zeroth_order(model, groups, llama_loss, batches, variant=variant, granularity=granularity, blocks=blocks)
+    for name, value in full.layer_scores.items():
+        assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4, abs=1e-9)
+    # full: every block runs in every forward. Cached: per batch one clean forward (+ one check on the
+    # first batch), and a perturbation of layer k runs layers k..2 only.
+    units = {"group": 1, "tensor": 7}[granularity]
+    assert full_calls == {name: 3 * 2 * units * 2 for name in blocks}
+    assert calls == {f"layer{k}": 2 * (1 + 2 * units * (k + 1)) + (k == 2) for k in range(3)}
+    assert cached.forward_passes == full.forward_passes + 2 + 1
+
+
+def test_forward_difference_approaches_the_central_one():
+    model = llama(factors=(3.0, 1.0, 0.3))
+    groups, batches, blocks = llama_groups(model), llama_batches(), llama_blocks(model)
+    central = zeroth_order(model, groups, llama_loss, batches, blocks=blocks, n_directions=4)
+    forward = zeroth_order(model, groups, llama_loss, batches, blocks=blocks, n_directions=4, difference="forward")
+    # same directions; the forward difference adds eps z^T H z / 2, tiny at eps = 1e-3
+    for name, value in central.group_scores.items():
+        assert forward.group_scores[name] == pytest.approx(value, rel=0.02)
+    assert forward.forward_passes == 4 * 3 * 2 + 2 + 1
+    with pytest.raises(ValueError, match="pass blocks"):
+        zeroth_order(model, groups, llama_loss, batches, difference="forward")
+    with pytest.raises(ValueError, match="central, forward"):
+        zeroth_order(model, groups, llama_loss, batches, blocks=blocks, difference="backward")
+
+
+def test_cached_blocks_across_two_towers_and_broken_chains():
+    """Two towers run one after the other (a dual-encoder shape): skipping the first tower's blocks
+    must hand the second tower the first tower's real output."""
+
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Sequential(*[Block(8, 16) for _ in range(3)])
+            self.b = nn.Sequential(*[Block(8, 16) for _ in range(2)])
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = TwoTowers()
+    groups = {f"a{i}": {f"a.{i}.fc1": m.fc1, f"a.{i}.fc2": m.fc2} for i, m in enumerate(model.a)}
+    groups |= {f"b{i}": {f"b.{i}.fc1": m.fc1, f"b.{i}.fc2": m.fc2} for i, m in enumerate(model.b)}
+    blocks = {f"a{i}": m for i, m in enumerate(model.a)} | {f"b{i}": m for i, m in enumerate(model.b)}
+    towers = {"a": ["a0", "a1", "a2"], "b": ["b0", "b1"]}
+    batches = mlp_batches()
+    full = zeroth_order(model, groups, mlp_loss, batches, variant="weight_grad")
+    cached = zeroth_order(model, groups, mlp_loss, batches, variant="weight_grad", blocks=blocks, towers=towers)
+    for name, value in full.layer_scores.items():
+        assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
+    # declaring the blocks as one chain in the wrong order is caught at capture
+    with pytest.raises(RuntimeError, match="is not the output of"):
+        zeroth_order(model, groups, mlp_loss, batches, blocks=blocks, towers={"x": ["a0", "a2", "a1", "b0", "b1"]})

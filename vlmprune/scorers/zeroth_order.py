@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .block_cache import BlockCache
 from .base import (
     SCORERS,
     LossFn,
@@ -30,6 +31,7 @@ from .base import (
 )
 
 GRANULARITIES = ("group", "tensor")
+DIFFERENCES = ("central", "forward")
 
 
 @SCORERS.register("zeroth_order")
@@ -46,6 +48,9 @@ def zeroth_order(
     eps: float = 1e-3,
     n_directions: int = 1,
     eval_mode: bool = True,
+    blocks: dict[str, nn.Module] | None = None,
+    towers: dict[str, list[str]] | None = None,
+    difference: str = "central",
 ) -> ScoreResult:
     """Score groups by finite-difference directional derivatives of the loss, without backprop.
 
@@ -116,14 +121,35 @@ def zeroth_order(
             each module's own flag is restored afterwards. Whatever randomness
             the loss still draws is re-seeded identically for both forwards.
 
+        blocks: group name -> its block module, to run each perturbed forward
+            from the perturbed block on (:mod:`vlmprune.scorers.block_cache`):
+            per batch, one clean forward records every block's input and
+            output; a perturbation of group k then skips the blocks that ran
+            before it. Same estimator, same directions, same numbers to
+            rounding; the cost of a perturbed forward falls from all L blocks
+            of a chain to blocks k..L-1 (about half on average). Extra memory:
+            the hidden states of one batch at every block.
+        towers: tower name -> its group names in order (one chain per tower);
+            default: all of ``blocks`` as one chain.
+        difference: "central" (the reference, 2 forwards per unit per batch)
+            or "forward": d = [L_b(W_u + eps z) - L_b(W_u)] / eps, reusing the
+            clean loss of the cached forward, 1 forward per unit per batch.
+            Its bias is eps z^T H z / 2 (H the Hessian of the batch loss in
+            the unit's weights) against O(eps^2) for the central difference;
+            needs ``blocks``.
+
     Runs under ``torch.no_grad()``; the extra memory is a copy of one unit's
-    weights plus one direction of that size. ``seed`` makes the scores
+    weights plus one direction of that size (plus the block records above). ``seed`` makes the scores
     reproducible and leaves the caller's RNG state untouched.
     """
     check_variant(variant)
     check_batches(batches)
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; known: {', '.join(GRANULARITIES)}")
+    if difference not in DIFFERENCES:
+        raise ValueError(f"unknown difference {difference!r}; known: {', '.join(DIFFERENCES)}")
+    if difference == "forward" and blocks is None:
+        raise ValueError("difference='forward' reuses the clean loss of the cached forward: pass blocks")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
@@ -133,33 +159,61 @@ def zeroth_order(
     units = _units(layers, granularity)
     per_layer = {layer.name: 0.0 for layer in layers}
     per_unit = {name: 0.0 for name, _ in units}
-    forwards = 0
+    counts = {"forwards": 0}
     modes = module_modes(model, train=False) if eval_mode else contextlib.nullcontext()
     bar = progress_bar(len(units) * len(batches) * n_directions, "zeroth-order scores", progress)
+
+    def score_unit(unit: str, members: list[ScoredLayer], originals: list[Tensor], b: int, batch: dict,
+                   reseed, clean_loss: float | None) -> None:
+        weights = [m.weight for m in members]
+        for k in range(n_directions):
+            pair_seed = derived_seed(seed, granularity, unit, b, k)
+            directions = _directions(originals, pair_seed)
+            losses = []
+            for sign in ((1.0,) if clean_loss is not None else (1.0, -1.0)):
+                _set_perturbed(weights, originals, directions, sign * eps)
+                reseed(pair_seed)  # every forward of a difference draws the same randomness
+                losses.append(_scalar_loss(loss_fn(model, batch), unit, b))
+                counts["forwards"] += 1
+            if clean_loss is not None:
+                d = (losses[0] - clean_loss) / eps
+            else:
+                d = (losses[0] - losses[1]) / (2.0 * eps)
+            per_unit[unit] += abs(d) / n_directions
+            if variant != "grad":
+                for member, w0, z in zip(members, originals, directions):
+                    per_layer[member.name] += _weighted(variant, d, w0, z) / n_directions
+            bar.update(1)
+        for w, w0 in zip(weights, originals):
+            w.copy_(w0)
+
     with torch.no_grad(), modes, isolated_rng([x.weight for x in layers], seed) as reseed, bar:
-        for unit, members in units:
-            weights = [m.weight for m in members]
-            originals = [w.detach().clone() for w in weights]
-            try:
-                for b, batch in enumerate(batches):
-                    for k in range(n_directions):
-                        pair_seed = derived_seed(seed, granularity, unit, b, k)
-                        directions = _directions(originals, pair_seed)
-                        losses = []
-                        for sign in (1.0, -1.0):
-                            _set_perturbed(weights, originals, directions, sign * eps)
-                            reseed(pair_seed)  # both forwards draw the same randomness
-                            losses.append(_scalar_loss(loss_fn(model, batch), unit, b))
-                            forwards += 1
-                        d = (losses[0] - losses[1]) / (2.0 * eps)
-                        per_unit[unit] += abs(d) / n_directions
-                        if variant != "grad":
-                            for member, w0, z in zip(members, originals, directions):
-                                per_layer[member.name] += _weighted(variant, d, w0, z) / n_directions
-                        bar.update(1)
-            finally:
-                for w, w0 in zip(weights, originals):
-                    w.copy_(w0)
+        if blocks is None:
+            for unit, members in units:
+                originals = [m.weight.detach().clone() for m in members]
+                try:
+                    for b, batch in enumerate(batches):
+                        score_unit(unit, members, originals, b, batch, reseed, None)
+                finally:
+                    _restore(members, originals)
+        else:
+            chains = towers or {"all": list(blocks)}
+            for b, batch in enumerate(batches):
+                cache = BlockCache(blocks, chains)
+                reseed(derived_seed(seed, "clean", b))
+                clean = cache.capture(lambda: loss_fn(model, batch))
+                counts["forwards"] += 1
+                if b == 0:
+                    cache.verify(lambda: loss_fn(model, batch))
+                    counts["forwards"] += len(chains)
+                for unit, members in units:
+                    with cache.start_at(members[0].group):
+                        originals = [m.weight.detach().clone() for m in members]
+                        try:
+                            score_unit(unit, members, originals, b, batch, reseed,
+                                       clean if difference == "forward" else None)
+                        finally:
+                            _restore(members, originals)
 
     if variant == "grad" and granularity == "group":
         group_scores = dict(per_unit)
@@ -171,7 +225,7 @@ def zeroth_order(
         if variant == "grad":  # tensor granularity: one unit per layer
             per_layer = {name: per_unit[name] for name in per_layer}
         group_scores = group_totals(layers, per_layer)
-    return ScoreResult(group_scores, per_layer, forward_passes=forwards, backward_passes=0)
+    return ScoreResult(group_scores, per_layer, forward_passes=counts["forwards"], backward_passes=0)
 
 
 def _units(layers: list[ScoredLayer], granularity: str) -> list[tuple[str, list[ScoredLayer]]]:
@@ -181,6 +235,11 @@ def _units(layers: list[ScoredLayer], granularity: str) -> list[tuple[str, list[
     for layer in layers:
         units.setdefault(layer.group, []).append(layer)
     return list(units.items())
+
+
+def _restore(members: list[ScoredLayer], originals: list[Tensor]) -> None:
+    for member, w0 in zip(members, originals):
+        member.weight.copy_(w0)
 
 
 def _directions(originals: list[Tensor], seed: int) -> list[Tensor]:
