@@ -100,6 +100,8 @@ class ScoringParams(Section):
     seed: int = Field(0, ge=0)
     cache_inputs: bool = Field(True, description="zeroth_order: run each perturbed forward from the perturbed "
                                                  "block on, the earlier blocks answering from a clean forward")
+    checkpointing: bool = Field(True, description="first_order: activation checkpointing (recompute each block's "
+                                                  "activations in the backward pass instead of storing them)")
     difference: Literal["central", "forward"] = Field(
         "central", description="zeroth_order: central (2 forwards per block, the reference) or forward "
                                "(1 forward per block, reuses the clean loss; needs cache_inputs)")

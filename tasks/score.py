@@ -13,8 +13,11 @@ from vlmprune.scorers import SCORERS
 
 
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
-    """Zeroth-order options: the blocks of every tower, so perturbed forwards start at their block."""
+    """First-order: activation checkpointing. Zeroth-order: the blocks of every tower, so perturbed
+    forwards start at their block."""
     s = params.scoring
+    if s.method == "first_order":
+        return {"checkpointing": s.checkpointing}
     if s.method != "zeroth_order" or not s.cache_inputs:
         return {}
     towers = adapter.towers(loaded.model)
