@@ -1,14 +1,25 @@
-"""The ``vlmprune`` command line: run the pipeline or one stage, validate params, serve a schedule."""
+"""The ``vlmprune`` command line: run the pipeline or one stage, validate params, serve a schedule.
+
+Exit codes: 0 done; 2 invalid params (nothing run); 3 a user-facing error (:mod:`vlmprune.errors`:
+a model or data that cannot be found or used, a missing upstream artifact, NaN/inf in activations,
+an artifacts directory held by another run), printed as one ``error:`` line without a traceback;
+130 interrupted. Any other exception is a bug and keeps its traceback. Artifacts already written
+are never removed by a failure (every stage writes atomically).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 
 from flows import environment
 
-STAGE_NAMES = ("prepare", "calibrate", "baseline", "score", "allocate", "prune", "evaluate", "register")
+# flows.pipeline.STAGES, without importing Prefect at start-up (tests/test_cli.py checks they agree)
+STAGE_NAMES = ("prepare", "calibrate", "baseline", "score", "allocate", "prune", "evaluate", "register",
+               "train_router", "evaluate_tokens")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +57,37 @@ def deployment(name: str, cron: str, params_path: str, overrides: list[str]):
                                   parameters={"params_path": params_path, "overrides": overrides})
 
 
+def _show_progress_logs() -> None:
+    """Show the INFO lines of the ``vlmprune`` loggers (e.g. "resuming from group k of n") on stderr;
+    through the root logger's handlers when something (Prefect) has set them up, else through our own."""
+    logger = logging.getLogger("vlmprune")
+    if not logging.getLogger().handlers and not any(getattr(h, "_vlmprune", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._vlmprune = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from vlmprune.errors import EXIT_CODE, VlmpruneError
+
+    try:
+        return _main(argv)
+    except VlmpruneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted: artifacts already written are kept; an interrupted prune stage resumes when rerun",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001  (a bug, or an input error not yet given a vlmprune.errors class)
+        traceback.print_exc()
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environment.configure()
     from params import ParamsError, load_params
@@ -64,17 +105,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.pipeline import TASKS, pipeline, stage
+    from tasks.io import run_lock
 
+    _show_progress_logs()  # after Prefect's import, which may set up the root logger
+
+    command = f"vlmprune {args.command}" + (f" {args.name}" if args.command == "stage" else "")
     if args.command == "run":
-        outputs = pipeline(args.params, args.overrides)
+        with run_lock(params.artifacts, command):
+            outputs = pipeline(args.params, args.overrides)
         print(f"done: metrics in {outputs['evaluate']}/metrics.json; plots in {outputs['evaluate']}/*.png")
         print("compare runs: mlflow ui --backend-store-uri sqlite:///$(pwd)/mlflow.db ; dvc metrics show")
     elif args.command == "stage":
         use_prefect = args.prefect == "on" or (args.prefect == "auto" and os.environ.get("PREFECT_API_URL"))
-        if use_prefect:
-            stage(args.name, args.params, args.overrides)
-        else:
-            TASKS[args.name].fn(params)
+        with run_lock(params.artifacts, command):
+            if use_prefect:
+                stage(args.name, args.params, args.overrides)
+            else:
+                TASKS[args.name].fn(params)
     elif args.command == "serve":
         from prefect import serve
 

@@ -16,6 +16,7 @@ from tasks.evaluate import baseline, evaluate
 from tasks.prepare import prepare
 from tasks.prune import prune
 from tasks.register import register
+from tasks.router import evaluate_tokens, train_router
 from tasks.score import score
 
 TASKS = {
@@ -27,6 +28,8 @@ TASKS = {
     "prune": prune,
     "evaluate": evaluate,
     "register": register,
+    "train_router": train_router,  # PAR (par.enabled; else a "skipped" meta)
+    "evaluate_tokens": evaluate_tokens,
 }
 STAGES = tuple(TASKS)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,7 @@ from vlmprune.adapters import ADAPTERS
 from vlmprune.allocators import ALLOCATORS
 from vlmprune.pruners import PRUNERS, parse_pattern
 from vlmprune.scorers import SCORERS
+from vlmprune.structured import STRUCTURED
 
 
 class Section(BaseModel):
@@ -49,37 +50,87 @@ class ModelParams(Section):
         return v
 
 
-class PrepareParams(Section):
-    """Training of the offline default dual encoder's projection heads (towers locked)."""
+class VisionLMPrepareParams(Section):
+    """Training of the offline LLaVA-style model's projector (vision tower and SmolLM2 frozen)."""
 
+    image_size: int = Field(128, ge=32, le=512, description="input size; EfficientNet gives ceil(size/32)^2 tokens")
+    feature_grid: int | None = Field(None, ge=1, le=16, description="average-pool the feature map to this grid (null: as is)")
+    steps: int = Field(150, ge=1, le=100_000)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    train_examples: int | None = Field(2000, ge=1, description="seeded subset of the training split whose "
+                                                                "visual tokens are cached (null: all)")
+
+
+class PrepareParams(Section):
+    """What the prepare stage builds when ``model.id`` is its output: ``dual_encoder`` (train the
+    projection heads of the packaged towers, towers locked; the fields at this level) or ``vision_lm``
+    (train the projector of EfficientNet-lite0 -> SmolLM2; ``prepare.vision_lm``)."""
+
+    model: Literal["dual_encoder", "vision_lm"] = "dual_encoder"
     embed_dim: int = Field(256, ge=8, le=4096)
     image_size: int = Field(96, ge=32, le=512)
     epochs: int = Field(40, ge=1, le=1000)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0, le=1)
     seed: int = Field(0, ge=0)
+    vision_lm: VisionLMPrepareParams = VisionLMPrepareParams()
+
+
+# data field -> the data.name values that read it (checked when the field is not at its default)
+DATA_FIELD_READERS = {
+    "path": ("text_file", "image_folder"),
+    "annotations": ("image_folder",),
+    "hf_id": ("hf",),
+    "split": ("hf",),
+    "image_column": ("image_folder", "hf"),
+    "label_column": ("image_folder", "hf"),
+    "caption_column": ("image_folder", "hf"),
+    "text_column": ("hf",),
+    "image_size": ("image_folder", "hf"),
+}
 
 
 class DataParams(Section):
-    """Image sets (digits, fashion_mnist) for the image families; text corpora (wikipedia,
-    text_file) for the language families. ``path``, ``seq_len``, ``eval_windows`` and ``stride``
-    concern text only (see vlmprune/data/spec.py)."""
+    """Image sets (digits, fashion_mnist, image_folder, hf) for the image families; text corpora
+    (wikipedia, text_file, hf) for the language families. ``seq_len``, ``eval_windows`` and
+    ``stride`` concern text only; the column names and ``image_size`` concern image_folder and hf
+    (see vlmprune/data/spec.py)."""
 
-    name: Literal["digits", "fashion_mnist", "wikipedia", "text_file"] = "digits"
+    name: Literal["digits", "fashion_mnist", "image_folder", "hf", "wikipedia", "text_file"] = "digits"
     test_fraction: float = Field(0.3, gt=0, lt=1)
     seed: int = Field(0, ge=0, description="seed of the train/held-out split")
-    path: str | None = Field(None, description="text_file: the UTF-8 text file (its last test_fraction is held out)")
+    path: str | None = Field(None, description="text_file: the UTF-8 text file (its last test_fraction is held out); "
+                                               "image_folder: the folder")
+    annotations: str | None = Field(None, description="image_folder: the CSV/JSONL file (default: labels.csv, "
+                                                      "labels.jsonl, captions.csv or captions.jsonl in the folder)")
+    hf_id: str | None = Field(None, description="hf: a Hugging Face dataset id or a local dataset directory")
+    split: str = Field("train", min_length=1, description="hf: the split to read")
+    image_column: str = Field("image", min_length=1, description="image_folder/hf: the image column")
+    label_column: str = Field("label", min_length=1, description="image_folder/hf: the class-name column")
+    caption_column: str = Field("caption", min_length=1,
+                                description="image_folder/hf: the optional calibration-caption column")
+    text_column: str = Field("text", min_length=1, description="hf: the text column of a text dataset")
+    image_size: int = Field(224, ge=8, le=1024, description="image_folder/hf: images are resized and "
+                                                             "centre-cropped to this square")
     seq_len: int = Field(512, ge=8, le=1_048_576, description="text: tokens per calibration and evaluation window")
     eval_windows: int | None = Field(40, ge=1, description="text: held-out windows evaluated (all when null)")
     stride: int | None = Field(None, ge=1, description="text: step between evaluation windows (null = seq_len)")
 
     @model_validator(mode="after")
-    def _text_fields(self):
+    def _source_fields(self):
         if self.name == "text_file" and not self.path:
             raise ValueError("data.name 'text_file' needs data.path: the UTF-8 text file to calibrate and evaluate on")
-        if self.name != "text_file" and self.path is not None:
-            raise ValueError(f"data.path is only read when data.name is 'text_file' (data.name is {self.name!r}): "
-                             "remove data.path or set data.name: text_file")
+        if self.name == "image_folder" and not self.path:
+            raise ValueError("data.name 'image_folder' needs data.path: the folder holding the images")
+        if self.name == "hf" and not self.hf_id:
+            raise ValueError("data.name 'hf' needs data.hf_id: a Hugging Face dataset id or a local dataset directory")
+        for field, readers in DATA_FIELD_READERS.items():
+            value = getattr(self, field)
+            if self.name not in readers and value != type(self).model_fields[field].default:
+                names = " or ".join(repr(r) for r in readers)
+                raise ValueError(f"data.{field} is only read when data.name is {names} (data.name is {self.name!r}, "
+                                 f"data.{field} is {value!r}): remove data.{field} or change data.name")
         if self.stride is not None and self.stride > self.seq_len:
             raise ValueError(f"data.stride ({self.stride}) exceeds data.seq_len ({self.seq_len}): tokens between "
                              "windows would never be scored; lower data.stride")
@@ -128,14 +179,43 @@ class OwlParams(Section):
                                              "(the reference's plain mean over groups: false)")
 
 
+class SearchParams(Section):
+    """allocation.method: search (EfficientLLaVA-style policy search, vlmprune/search/)."""
+
+    n_samples: int = Field(64, ge=1, description="search samples, drawn from the training split with sample_seed")
+    sample_seed: int = Field(1, ge=0, description="seed of the search samples; must differ from calibration.seed")
+    objective: Literal["accuracy", "probability", "loss"] = Field(
+        "probability", description="correct-class probability or accuracy, zero-shot (dual_encoder), or minus the "
+                                   "loss; accuracy saturates at 1 on the search samples (benchmarks/results/search.md)")
+    granularity: Literal["tower", "group"] | Annotated[int, Field(ge=1)] = Field(
+        4, description="one search variable per tower, per group, or per n consecutive groups of a tower")
+    bases: list[Literal["uniform", "ecoflap"]] = Field(["uniform", "ecoflap"], min_length=1,
+                                                       description="allocations the search starts from")
+    step: float = Field(0.025, gt=0, le=0.5, description="grid step of the per-component sparsity offsets")
+    rounds: int = Field(6, ge=1)
+    population: int = Field(8, ge=1, description="candidates per round")
+    max_evaluations: int = Field(40, ge=1, description="evaluation budget (candidates pruned and scored)")
+    max_seconds: float | None = Field(None, gt=0, description="wall-time budget, checked between rounds")
+    penalty: bool = Field(True, description="subtract the SRM generalization-gap bound from the objective")
+    delta: float = Field(0.05, gt=0, lt=1, description="confidence of the SRM bound (holds with prob. 1 - delta)")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, description="search samples per forward")
+    calibration_samples: int | None = Field(None, ge=1, description="prune candidates on the first n calibration "
+                                                                    "samples (all when null)")
+    workers: int = Field(1, ge=1, le=64, description="model copies evaluating candidates in parallel (in a flow)")
+
+
 class AllocationParams(Section):
     method: str = "ecoflap"
     s_max: float | None = Field(None, gt=0, lt=1, description="ecoflap: largest group sparsity (default target + 0.1)")
     owl: OwlParams = OwlParams()
+    search: SearchParams = SearchParams()
 
     @field_validator("method")
     @classmethod
     def _method(cls, v):
+        if v == "search":
+            return v
         return _check_name(v, ALLOCATORS, "allocation.method")
 
 
@@ -156,7 +236,11 @@ class PruningParams(Section):
     @field_validator("method")
     @classmethod
     def _method(cls, v):
-        return _check_name(v, PRUNERS, "pruning.method")
+        if v in STRUCTURED:  # structured pruning (params.structured, tasks/structured.py)
+            return v
+        if v not in PRUNERS:
+            raise ValueError(f"pruning.method {v!r} is not one of: {', '.join(PRUNERS.names() + STRUCTURED.names())}")
+        return v
 
     @field_validator("pattern")
     @classmethod
@@ -182,6 +266,66 @@ class TrackingParams(Section):
     uri: str | None = Field(None, description="tracking URI; default sqlite:///<repo>/mlflow.db or $MLFLOW_TRACKING_URI")
 
 
+class ParParams(Section):
+    """PAR token and layer pruning with a meta-router (stages train_router, evaluate_tokens; vlmprune/par/)."""
+
+    enabled: bool = Field(False, description="run the train_router and evaluate_tokens stages (else they write a "
+                                             "'skipped' meta)")
+    k: int = Field(2, ge=1, description="visual tokens are dropped, and the router reads h_k, after the first k layers")
+    token_ratios: list[float] = Field([1.0, 0.5, 0.25], min_length=1,
+                                      description="visual-token keep ratios r (keeps floor(n r) tokens)")
+    layer_ratios: list[float] = Field([1.0, 0.75, 0.5], min_length=1,
+                                      description="decoder-layer keep ratios r (runs floor(L r) layers)")
+    router_width: int = Field(128, ge=4, le=8192)
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    train_samples: int = Field(256, ge=1, description="unlabelled training-split images the router learns from")
+    eval_samples: int | None = Field(200, ge=1, description="held-out images per operating point (all when null)")
+    latency_repeats: int = Field(10, ge=1, description="timed runs per operating point (median reported)")
+    threads: int | None = Field(None, ge=1, description="torch.set_num_threads while timing (null = unchanged)")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("token_ratios", "layer_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"keep ratios must be in (0, 1]; got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"keep ratios must be distinct; got {v}")
+        return v
+
+
+class DistillParams(Section):
+    """Optional recovery of a structurally pruned model by distillation from the dense teacher."""
+
+    enabled: bool = False
+    n_samples: int = Field(512, ge=3, description="training-split pairs drawn with seed (train + validation)")
+    seed: int = Field(1, ge=0, description="draw and batch order; differs from calibration.seed by default")
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(32, ge=2)
+    eval_every: int = Field(10, ge=1, description="steps between validation losses")
+    patience: int = Field(5, ge=1, description="validations without improvement before stopping early")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    feature_weight: float = Field(1.0, ge=0)
+    logit_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class StructuredParams(Section):
+    """Structured pruning (pruning.method mope, magnitude_structured or layer_drop): width, then depth."""
+
+    width_ratio: float = Field(0.5, gt=0, le=1, description="heads and FFN neurons kept per layer")
+    depth_ratio: float = Field(1.0, gt=0, le=1, description="layers kept per tower (residual layers only are removed)")
+    ffn_group: float = Field(0.0625, gt=0, le=1, description="fraction of a layer's FFN width scored and removed together")
+    metric: Literal["accuracy", "retrieval", "loss"] = Field("accuracy", description="MoPE: the cross-modal metric whose drop is scored")
+    n_samples: int = Field(64, ge=2, description="MoPE: first calibration pairs used for scoring")
+    max_rows: int = Field(512, ge=1, description="MoPE: rows (candidates x samples) per batched forward")
+    distill: DistillParams = DistillParams()
+
+
 class RunParams(Section):
     artifacts: str = Field("artifacts", description="directory of the stage artifacts")
     model: ModelParams = ModelParams()
@@ -193,6 +337,8 @@ class RunParams(Section):
     pruning: PruningParams = PruningParams()
     evaluation: EvaluationParams = EvaluationParams()
     tracking: TrackingParams = TrackingParams()
+    structured: StructuredParams = StructuredParams()
+    par: ParParams = ParParams()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -203,6 +349,25 @@ class RunParams(Section):
             )
         if self.allocation.method == "ecoflap" and self.scoring.method == "none":
             raise ValueError("allocation.method 'ecoflap' needs scores: set scoring.method to zeroth_order or first_order")
+        if self.allocation.method == "search":
+            search = self.allocation.search
+            if "ecoflap" in search.bases and self.scoring.method == "none":
+                raise ValueError("allocation.search.bases includes 'ecoflap', which needs scores: set scoring.method "
+                                 "to zeroth_order or first_order, or allocation.search.bases: [uniform]")
+            if self.pruning.pattern != "unstructured":
+                raise ValueError(f"allocation.method 'search' needs pruning.pattern: unstructured (an N:M pattern "
+                                 f"{self.pruning.pattern!r} fixes every layer's sparsity)")
+            if search.sample_seed == self.calibration.seed:
+                raise ValueError(f"allocation.search.sample_seed ({search.sample_seed}) equals calibration.seed: the "
+                                 "search samples would repeat the calibration samples; choose another sample_seed")
+        if self.pruning.method in STRUCTURED:
+            st = self.structured
+            if self.pruning.method == "layer_drop" and st.width_ratio < 1:
+                raise ValueError(f"pruning.method 'layer_drop' removes whole layers only but structured.width_ratio is "
+                                 f"{st.width_ratio}: set it to 1.0, or use mope / magnitude_structured")
+            if self.pruning.method == "mope" and st.n_samples > self.calibration.n_samples:
+                raise ValueError(f"structured.n_samples ({st.n_samples}) exceeds calibration.n_samples "
+                                 f"({self.calibration.n_samples}): MoPE scores on the calibration pairs")
         s_max = self.allocation.s_max
         if s_max is not None and s_max < self.pruning.sparsity:
             raise ValueError(

@@ -1,4 +1,9 @@
-"""``allocate``: per-group and per-layer sparsity from the scores, plus its plot."""
+"""``allocate``: per-group and per-layer sparsity from the scores, plus its plot.
+
+``allocation.method: search`` runs the policy search of ``tasks/search.py`` (it loads the model
+and the calibration batches, and prunes candidates); it also writes ``candidates.csv`` and
+``candidates.png``. Every method writes ``allocation.json`` in the same format.
+"""
 
 from __future__ import annotations
 
@@ -27,24 +32,39 @@ def allocate(params: RunParams) -> str:
     out = stage_dir(params, "allocate")
     scores = read_json(stage_dir(params, "score") / "scores.json")
     target = params.pruning.sparsity
+    method = params.allocation.method
+    result = space = None
     with measure() as usage:
         groups = [GroupInfo(g["name"], g["tower"], g["n_params"], g.get("score"), g.get("outlier_ratio"))
                   for g in scores["groups"]]
-        group_sparsity = ALLOCATORS.get(params.allocation.method)(groups, target, **_options(params))
+        if method == "search":
+            from tasks.search import run_search
+
+            result, space = run_search(params, groups, {g["name"]: list(g["layers"]) for g in scores["groups"]})
+            group_sparsity = result.best.sparsity
+        else:
+            group_sparsity = ALLOCATORS.get(method)(groups, target, **_options(params))
         layers = {layer: group_sparsity[g["name"]] for g in scores["groups"] for layer in g["layers"]}
     rows = [{"group": g.name, "tower": g.tower, "index": i, "sparsity": group_sparsity[g.name]}
             for i, g in enumerate(groups)]
+    record = {"method": method, "target": target, "overall": overall_sparsity(groups, group_sparsity),
+              "groups": group_sparsity, "layers": layers}
+    if result is not None:
+        best = result.best
+        record["search"] = {"base": best.policy.base, "offsets": list(best.policy.q), "components": space.names,
+                            "objective": best.objective, "penalty": best.penalty, "score": best.score,
+                            "evaluations": len(result.candidates), "stopped": result.stopped,
+                            "seconds": result.seconds, "n_samples": params.allocation.search.n_samples}
     with atomic_dir(out) as tmp:
-        write_json(tmp / "allocation.json", {
-            "method": params.allocation.method, "target": target,
-            "overall": overall_sparsity(groups, group_sparsity),
-            "groups": group_sparsity, "layers": layers,
-        })
+        write_json(tmp / "allocation.json", record)
         with open(tmp / "groups.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        sparsity_per_group(rows, tmp / "allocation.png",
-                           f"{params.allocation.method} allocation, target {target:.0%}")
-        write_meta(tmp, "allocate", usage.as_dict(), method=params.allocation.method)
+        sparsity_per_group(rows, tmp / "allocation.png", f"{method} allocation, target {target:.0%}")
+        if result is not None:
+            from tasks.search import write_candidates
+
+            write_candidates(result, space, tmp)
+        write_meta(tmp, "allocate", usage.as_dict(), method=method)
     return str(out)

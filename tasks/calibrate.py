@@ -1,4 +1,4 @@
-"""``calibrate``: draw the seeded calibration sample and save it as safetensors."""
+"""``calibrate``: check the data, draw the seeded calibration sample and save it as safetensors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from params import RunParams
 from tasks.io import atomic_dir, data_spec, load_model, stage_dir, write_meta
+from vlmprune.data.check import check_data
 from vlmprune.profiling import measure
 
 
@@ -14,6 +15,7 @@ from vlmprune.profiling import measure
 def calibrate(params: RunParams) -> str:
     out = stage_dir(params, "calibrate")
     c = params.calibration
+    check_data(data_spec(params), c.n_samples)  # a bad folder, file, column or count fails before the model loads
     with measure() as usage:
         adapter, loaded = load_model(params)
         data = adapter.make_calibration(loaded, data_spec(params), c.n_samples, c.seed)

@@ -1,9 +1,16 @@
-"""``prepare``: build and train the offline default dual encoder (a no-op for any other model)."""
+"""``prepare``: build and train the offline default model (a no-op for any other model).
+
+``prepare.model: dual_encoder`` (default): the CLIP-style dual encoder's projection heads.
+``prepare.model: vision_lm``: the LLaVA-style EfficientNet-lite0 -> projector -> SmolLM2 model's
+projector. Either way ``prepare/metrics.json`` holds the training loss, the held-out metrics of the
+dense model and the training time.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 
 from params import RunParams
@@ -22,12 +29,14 @@ def default_model_dir(params: RunParams) -> Path:
 
 @task(name="prepare")
 def prepare(params: RunParams) -> str:
-    """Train the projection heads of the packaged towers when ``model.id`` is this stage's output."""
+    """Train the offline default model named by ``prepare.model`` when ``model.id`` is this stage's output."""
     out = stage_dir(params, "prepare")
     if Path(params.model.id) != default_model_dir(params):
         with atomic_dir(out) as tmp:
             write_meta(tmp, "prepare", {}, skipped=f"model.id is {params.model.id!r}; nothing to prepare")
         return str(out)
+    if params.prepare.model == "vision_lm":
+        return prepare_vision_lm(params, out)
 
     p, spec = params.prepare, data_spec(params)
     with measure() as usage:
@@ -42,4 +51,34 @@ def prepare(params: RunParams) -> str:
         DualEncoderAdapter().save(loaded, tmp / "model")
         write_json(tmp / "metrics.json", {"train_loss": result.final_loss, **metrics})
         write_meta(tmp, "prepare", usage.as_dict(), train_examples=len(train))
+    return str(out)
+
+
+def prepare_vision_lm(params: RunParams, out: Path) -> str:
+    """Train the projector of the packaged EfficientNet-lite0 -> SmolLM2 model on the training split
+    (a seeded subset of ``train_examples``), then measure VQA accuracy on the held-out split."""
+    from vlmprune.adapters.vision_lm import VisionLMAdapter
+    from vlmprune.models.train_projector import train_projector
+    from vlmprune.models.vision_lm import VisionLM
+
+    p, spec = params.prepare.vision_lm, data_spec(params)
+    data, train, test = image_split(spec)
+    if p.train_examples is not None and p.train_examples < len(train):
+        train = np.sort(np.random.default_rng(params.prepare.seed).choice(train, p.train_examples, replace=False))
+    model, tokenizer = VisionLM.from_packaged(image_size=p.image_size, feature_grid=p.feature_grid,
+                                              seed=params.prepare.seed)
+    with measure() as training:
+        result = train_projector(model, tokenizer, data.subset(train), steps=p.steps, batch_size=p.batch_size,
+                                 lr=p.lr, seed=params.prepare.seed)
+    loaded = LoadedModel(model, tokenizer)
+    with measure() as evaluation:
+        metrics, _ = VisionLMAdapter().evaluate(loaded, spec, batch_size=64, max_samples=None, device="cpu")
+    with atomic_dir(out) as tmp:
+        VisionLMAdapter().save(loaded, tmp / "model")
+        write_json(tmp / "metrics.json", {
+            "train_loss": result.final_loss, **metrics, "chance_accuracy": 1 / len(data.class_names),
+            "train_seconds": round(training.wall_s, 3), "eval_seconds": round(evaluation.wall_s, 3)})
+        write_meta(tmp, "prepare", training.as_dict(), model="vision_lm", train_examples=len(train),
+                   held_out_examples=len(test), steps=result.steps, n_image_tokens=model.n_image_tokens,
+                   eval_usage=evaluation.as_dict())
     return str(out)

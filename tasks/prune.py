@@ -1,17 +1,29 @@
-"""``prune``: layer-wise pruning with the allocated sparsities; saves the pruned model and masks."""
+"""``prune``: layer-wise pruning with the allocated sparsities; saves the pruned model and masks.
+
+Resumable: every finished group is checkpointed (tasks/resume.py); a rerun with the same params and
+inputs restores the finished groups and goes on from the next one, with a bit-identical result.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 from safetensors.torch import save_file
 
 from params import RunParams
-from tasks.common import calibration_batches, layout, tower_groups
-from tasks.io import atomic_dir, load_model, read_json, stage_dir, write_json, write_meta
+from tasks.common import layout, tower_groups
+from tasks.io import (
+    atomic_dir, batches_of, load_model, load_tensors, read_json, resolve_device, stage_dir, write_json, write_meta,
+)
+from tasks.resume import ResumeStore, log, run_digest
+from tasks.structured import prune_structured
+from vlmprune.errors import ArtifactError
 from vlmprune.pruners import PRUNERS
 from vlmprune.profiling import measure
 from vlmprune.sequential import prune_tower_sequential
 from vlmprune.sparsity import mask_digest, sparsity_report
+from vlmprune.structured import STRUCTURED
 
 
 def make_pruner(params: RunParams):
@@ -21,27 +33,67 @@ def make_pruner(params: RunParams):
     return PRUNERS.get(p.method)()
 
 
+def resume_store(params: RunParams) -> ResumeStore:
+    """The checkpoint store of this run: ``<artifacts>/.resume/prune``, keyed by the run digest."""
+    sections = params.model_dump(mode="json", include={"model", "data", "calibration", "pruning"})
+    model_dir = Path(params.model.id)
+    files = [stage_dir(params, "allocate") / "allocation.json", stage_dir(params, "calibrate") / "calibration.safetensors"]
+    digest = run_digest(sections, files, model_dir if model_dir.is_dir() else None)
+    return ResumeStore(Path(params.artifacts) / ".resume" / "prune", digest)
+
+
+def calibration_batches(params: RunParams) -> list[dict]:
+    """The calibration sample in batches; :class:`ArtifactError` when it does not match the params."""
+    data = load_tensors(stage_dir(params, "calibrate") / "calibration.safetensors")
+    n = len(next(iter(data.values())))
+    if n != params.calibration.n_samples:
+        raise ArtifactError(
+            f"{stage_dir(params, 'calibrate')}/calibration.safetensors holds {n} samples but calibration.n_samples "
+            f"is {params.calibration.n_samples}: rerun the calibrate stage (vlmprune stage calibrate)"
+        )
+    return batches_of(data, params.calibration.batch_size, resolve_device(params.model.device))
+
+
+def _check_allocation(allocation: dict[str, float], groups, path: Path) -> None:
+    missing = [name for g in groups for name in g.layers if name not in allocation]
+    if missing:
+        raise ArtifactError(
+            f"{path} has no sparsity for {len(missing)} prunable layer(s), e.g. {missing[0]} (the model or "
+            "pruning.include/exclude changed since it was written): rerun the score and allocate stages"
+        )
+
+
 @task(name="prune")
 def prune(params: RunParams) -> str:
+    if params.pruning.method in STRUCTURED:  # heads, neurons, layers removed: tasks/structured.py
+        return prune_structured(params)
     out = stage_dir(params, "prune")
-    allocation = read_json(stage_dir(params, "allocate") / "allocation.json")["layers"]
+    allocation_path = stage_dir(params, "allocate") / "allocation.json"
+    allocation = read_json(allocation_path)["layers"]
     pruner = make_pruner(params)
+    store = resume_store(params)
     with measure() as usage:
         adapter, loaded = load_model(params)
         groups = layout(params, adapter, loaded)
-        batches = calibration_batches(params, params.calibration.batch_size) if pruner.needs_inputs else []
+        _check_allocation(allocation, groups, allocation_path)
+        batches = calibration_batches(params) if pruner.needs_inputs else []
+        done = store.open()
+        if done:
+            log(f"resuming from group {done + 1} of {len(groups)} ({done} finished groups in {store.directory})")
         masks = {}
         for tower in adapter.towers(loaded.model):
             members = tower_groups(groups, tower.name)
             if members:
                 masks.update(prune_tower_sequential(
                     loaded.model, tower.run, batches, members, allocation, pruner, params.pruning.nm,
-                    desc=f"{params.pruning.method} {tower.name}",
+                    desc=f"{params.pruning.method} {tower.name}", restore=store.load, on_group_done=store.save,
                 ))
         report = sparsity_report(groups)
     with atomic_dir(out) as tmp:
         adapter.save(loaded, tmp / "model")
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
         write_json(tmp / "sparsity.json", {"mask_sha256": mask_digest(masks), **report})
-        write_meta(tmp, "prune", usage.as_dict(), method=params.pruning.method, pattern=params.pruning.pattern)
+        write_meta(tmp, "prune", usage.as_dict(), method=params.pruning.method, pattern=params.pruning.pattern,
+                   resumed_groups=done)
+    store.clear()
     return str(out)

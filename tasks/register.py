@@ -9,6 +9,8 @@ under ``<repo>/.dvc/tmp/exps/``), so every experiment lands in the same store.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
@@ -42,11 +44,53 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def retry_locked(fn, *args, attempts: int = 8, **kwargs):
+    """Call ``fn``, retrying with a growing pause while SQLite answers "database is locked" (two runs
+    writing to the same store at once); other errors go through at once."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001  (SQLAlchemy's OperationalError, maybe wrapped by MLflow)
+            if "database is locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+
+
+def _created_or_existing(create, get):
+    """``create()``; if a concurrent run created the same thing first, ``get()`` instead."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry_locked(create)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return retry_locked(get)
+
+
+@contextmanager
+def store_lock(uri: str, timeout_s: float = 600):
+    """For a SQLite store, hold ``<db file>.lock`` while registering, so that runs registering at the
+    same time take turns (SQLite has one writer; two processes creating a fresh store at once race in
+    its schema migration). Other stores (a tracking server) take care of concurrent clients themselves."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=timeout_s):
+        yield
+
+
 def _experiment_id(mlflow, name: str) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
+    experiment = retry_locked(mlflow.get_experiment_by_name, name)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
+    return _created_or_existing(
+        lambda: mlflow.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri()),
+        lambda: mlflow.get_experiment_by_name(name).experiment_id)
 
 
 @task(name="register")
@@ -63,7 +107,7 @@ def register(params: RunParams) -> str:
     evaluation = stage_dir(params, "evaluate")
     metrics = read_json(evaluation / "metrics.json")
     t = params.tracking
-    with measure() as usage:
+    with measure() as usage, store_lock(tracking_uri(params)):
         mlflow.set_tracking_uri(tracking_uri(params))
         experiment_id = _experiment_id(mlflow, t.experiment)
         name = f"{params.allocation.method}+{params.pruning.method}@{params.pruning.sparsity:g}"
@@ -76,16 +120,24 @@ def register(params: RunParams) -> str:
                          evaluation / "sparsity_layers.json", stage_dir(params, "allocate") / "allocation.json",
                          stage_dir(params, "allocate") / "allocation.png"):
                 mlflow.log_artifact(str(path), artifact_path="report")
+            from tasks.search import log_candidates  # allocation.method search: every candidate policy
+
+            log_candidates(mlflow, stage_dir(params, "allocate"))
             model_dir = stage_dir(params, "prune") / "model"
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             client = MlflowClient()
-            if client.search_registered_models(filter_string=f"name = '{t.model_name}'") == []:
-                client.create_registered_model(t.model_name, description="pruned models from vlmprune")
-            version = client.create_model_version(
+            # concurrent runs may register into the same store: each gets its own version; the
+            # alias ends on the last one registered
+            if retry_locked(client.search_registered_models, filter_string=f"name = '{t.model_name}'") == []:
+                _created_or_existing(
+                    lambda: client.create_registered_model(t.model_name, description="pruned models from vlmprune"),
+                    lambda: client.get_registered_model(t.model_name))
+            version = retry_locked(
+                client.create_model_version,
                 t.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
                 tags={"mask_sha256": metrics["mask_sha256"], "sparsity": f"{metrics['sparsity']['overall']:.4f}"},
             )
-            client.set_registered_model_alias(t.model_name, t.alias, version.version)
+            retry_locked(client.set_registered_model_alias, t.model_name, t.alias, version.version)
     record = {"tracking_uri": tracking_uri(params), "experiment_id": experiment_id, "run_id": run.info.run_id,
               "model_name": t.model_name, "version": int(version.version), "alias": t.alias}
     with atomic_dir(out) as tmp:

@@ -33,3 +33,10 @@ def test_deployment_has_the_cron_schedule():
     assert d.name == "nightly"
     assert d.schedules[0].schedule.cron == "0 3 * * *"
     assert d.parameters == {"params_path": "params.yaml", "overrides": ["pruning.sparsity=0.6"]}
+
+
+def test_every_pipeline_stage_is_a_cli_stage():
+    from flows.cli import STAGE_NAMES
+    from flows.pipeline import STAGES
+
+    assert STAGE_NAMES == STAGES

@@ -121,14 +121,14 @@ def build_tiny_blip2(seed: int = 0):
     return Blip2ForConditionalGeneration(config).eval(), tokenizer
 
 
-def build_tiny_llava(seed: int = 0):
+def build_tiny_llava(seed: int = 0, text_layers: int = 2):
     """A LLaVA (CLIP ViT 32x32 / patch 8 -> 16 image tokens, 2-layer LLaMA) and its tokenizer."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = tiny_text_tokenizer(image_token=True)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
                        bos_token_id=101, eos_token_id=102)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**_tiny_clip_vision(num_hidden_layers=3)), text_config=text,
@@ -141,3 +141,22 @@ def save_tiny(model, processor, path):
     model.save_pretrained(path)
     processor.save_pretrained(str(path))
     return path
+
+
+def build_tiny_vision_lm(seed: int = 0):
+    """A VisionLM: EfficientNet-lite0 of width 0.25 at 64 px (2x2 map -> 4 visual tokens) -> projector ->
+    2-layer LLaMA of width 32 over the MiniLM vocabulary with ``<image>`` as placeholder, [SEP] as EOS."""
+    from transformers import LlamaConfig
+
+    from vlmprune.models.vision_lm import VisionLM, VisionLMConfig
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_text_tokenizer(image_token=True)
+    tokenizer.eos_token = "[SEP]"
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                       bos_token_id=101, eos_token_id=tokenizer.eos_token_id,
+                       initializer_range=0.3)  # logits spread enough for a projector to move them
+    config = VisionLMConfig(image_overrides={"width_coefficient": 0.25, "image_size": 64}, image_size=64,
+                            text_config=text.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    return VisionLM(config).eval(), tokenizer

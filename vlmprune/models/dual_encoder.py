@@ -36,6 +36,9 @@ class DualEncoderConfig:
     text_config: dict = field(default_factory=dict)
     embed_dim: int = 256
     model_type: str = MODEL_TYPE
+    # structured pruning: per tower, kept layers of this architecture and each one's heads and width
+    # (see vlmprune.structured.surgery); empty for a dense model
+    structure: dict = field(default_factory=dict)
 
 
 def _efficientnet(name: str, weights_path: str | None, overrides: dict | None = None):
@@ -62,6 +65,10 @@ class DualEncoder(nn.Module):
         # The classifier of the ImageNet model is not used; drop it so it is neither saved nor pruned.
         self.vision._fc = nn.Identity()
         self.vision._dropout = nn.Identity()
+        if config.structure:  # a structurally pruned model: cut the towers to the saved shapes
+            from vlmprune.structured.surgery import apply_structure
+
+            apply_structure(self, config.structure)
 
     # --- encoders ---------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,213 @@
+"""Structured pruning on the offline default dual encoder: MoPE vs magnitude vs layer drop.
+
+For each tower and width/depth setting: zero-shot accuracy on the held-out digits (evaluation
+templates), parameters, weight file size and measured CPU latency of the pruned tower (median of
+repeated runs after warm-up, batch 1 and 32, fixed thread count), with and without distillation.
+Also unstructured Wanda at the same fraction of the tower's prunable weights, for the
+structured / unstructured accuracy ratio.
+
+    python -m benchmarks.structured                      # text tower, default grid
+    python -m benchmarks.structured --towers text vision --repeats 30
+
+Writes benchmarks/results/structured.md (or --out). Latencies on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, markdown_table
+from vlmprune.adapters import ADAPTERS, LoadedModel
+from vlmprune.data.images import image_split, to_pixel_values
+from vlmprune.data.spec import DataSpec
+from vlmprune.evaluators.zero_shot import class_embeddings, embed_images, zero_shot_accuracy
+from vlmprune.models.dual_encoder import DualEncoder, packaged_tokenizer
+from vlmprune.structured import StructuredSettings, count_parameters, structured_prune
+from vlmprune.structured.distill import DistillSettings, distill
+from vlmprune.structured.towers import structured_towers
+
+GRID = {  # tower -> list of (method, width_ratio, depth_ratio)
+    "text": [("mope", 0.5, 1.0), ("magnitude_structured", 0.5, 1.0),
+             ("mope", 0.5, 0.67), ("magnitude_structured", 0.5, 0.67),
+             ("mope", 1.0, 0.5), ("layer_drop", 1.0, 0.5)],
+    "vision": [("mope", 0.75, 1.0), ("magnitude_structured", 0.75, 1.0),
+               ("mope", 0.5, 1.0), ("magnitude_structured", 0.5, 1.0),
+               ("mope", 1.0, 0.75), ("magnitude_structured", 1.0, 0.75), ("layer_drop", 1.0, 0.75)],
+}
+
+
+class Bench:
+    def __init__(self, model_dir: str, repeats: int):
+        self.dense = DualEncoder.from_pretrained(model_dir)
+        self.tokenizer = packaged_tokenizer()
+        self.adapter = ADAPTERS.get("dual_encoder")()
+        self.spec = DataSpec(name="digits")
+        self.repeats = repeats
+        self.data, _, self.test = image_split(self.spec)
+        loaded = LoadedModel(self.dense, self.tokenizer)
+        calib = self.adapter.make_calibration(loaded, self.spec, 128, 0)
+        self.mope_batch = {k: v[:64] for k, v in calib.items() if k != "index"}
+        self.distill_data = {k: v for k, v in self.adapter.make_calibration(loaded, self.spec, 512, 1).items()
+                             if k != "index"}
+        self.dense_images = self.images(self.dense)
+        size = self.dense.config.image_size
+        captions = [t.format(c) for c in self.data.class_names for t in self.data.eval_templates]
+        self.text_inputs = {b: self.tokenizer((captions * 4)[:b], padding=True, return_tensors="pt") for b in (1, 32)}
+        self.pixel_inputs = {b: to_pixel_values(self.data.images[self.test[:b]], size) for b in (1, 32)}
+
+    def images(self, model):
+        return embed_images(model.encode_image, self.data.images[self.test], model.config.image_size)
+
+    def accuracy(self, model, tower: str) -> float:
+        with torch.no_grad():
+            images = self.images(model) if tower == "vision" else self.dense_images
+            classes = class_embeddings(model.encode_text, self.tokenizer, self.data.class_names, self.data.eval_templates)
+        return zero_shot_accuracy(images, classes, self.data.labels[self.test])
+
+    def call(self, model, tower: str, b: int):
+        if tower == "text":
+            t = self.text_inputs[b]
+            return lambda: model.encode_text(t["input_ids"], t["attention_mask"])
+        p = self.pixel_inputs[b]
+        return lambda: model.encode_image(p)
+
+    def latencies(self, models: dict, tower: str) -> dict[str, dict[str, float]]:
+        """Median ms per model and batch size, timed round-robin (one run of each model per round), so
+        that load from other jobs on a shared machine falls on every model alike."""
+        times = {name: {1: [], 32: []} for name in models}
+        with torch.no_grad():
+            for name, model in models.items():  # warm-up
+                for b in (1, 32):
+                    for _ in range(3):
+                        self.call(model, tower, b)()
+            for _ in range(self.repeats):
+                for name, model in models.items():
+                    for b in (1, 32):
+                        fn = self.call(model, tower, b)
+                        start = time.perf_counter()
+                        fn()
+                        times[name][b].append(time.perf_counter() - start)
+        return {name: {f"ms_b{b}": 1000 * statistics.median(t[b]) for b in (1, 32)} for name, t in times.items()}
+
+    def tower_params(self, model, tower: str) -> int:
+        return count_parameters(model.text if tower == "text" else model.vision)
+
+    def row(self, model, tower, label, **extra) -> dict:
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return {"tower": tower, "config": label, "tower_params_M": self.tower_params(model, tower) / 1e6,
+                "model_MB": weights / 2**20, "accuracy": self.accuracy(model, tower), **extra}
+
+    def unstructured(self, tower: str, sparsity: float) -> float:
+        """Zero-shot accuracy after Wanda at ``sparsity`` of the tower's prunable weights (uniform per layer)."""
+        from vlmprune.pruners import PRUNERS
+        from vlmprune.sequential import prune_tower_sequential
+        from vlmprune.sparsity import model_layout
+
+        model = copy.deepcopy(self.dense)
+        towers = self.adapter.towers(model)
+        groups = model_layout(model, towers, tower_names=[tower])
+        run = next(t.run for t in towers if t.name == tower)
+        batches = [{k: v[s:s + 32] for k, v in self.mope_batch.items()} for s in range(0, 64, 32)]
+        members = [(g.name, g.module, g.layers) for g in groups]
+        prune_tower_sequential(model, run, batches, members, {n: sparsity for g in groups for n in g.layers},
+                               PRUNERS.get("wanda")(), None, progress=False)
+        return self.accuracy(model, tower)
+
+
+def prunable_fraction_removed(dense, pruned, tower: str) -> float:
+    """Fraction of the tower's Linear / ungrouped-conv weights removed (what unstructured pruning zeroes)."""
+    def count(model):
+        t = structured_towers(model, [tower])[0]
+        return sum(m.weight.numel() for m in t.layers.modules()
+                   if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1))
+    return 1 - count(pruned) / count(dense)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="artifacts/prepare/model")
+    parser.add_argument("--towers", nargs="+", default=["text"], choices=["text", "vision"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--no-unstructured", action="store_true")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="METHOD:WIDTH:DEPTH",
+                        help="replace the default grid, e.g. mope:0.75:1 layer_drop:1:0.75")
+    parser.add_argument("--out", default="benchmarks/results/structured.md")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    bench = Bench(args.model, args.repeats)
+    rows = []
+    for tower in args.towers:
+        models = {"dense": bench.dense}
+        dense_row = bench.row(bench.dense, tower, "dense")
+        rows.append(dense_row)
+        print(dense_row, flush=True)
+        grid = GRID[tower]
+        if args.configs:
+            grid = [(m, float(w), float(d)) for m, w, d in (c.split(":") for c in args.configs)]
+        for method, width, depth in grid:
+            model = copy.deepcopy(bench.dense)
+            start = time.perf_counter()
+            report = structured_prune(model, StructuredSettings(method, width_ratio=width, depth_ratio=depth,
+                                                                towers=[tower]), bench.mope_batch)
+            prune_s = time.perf_counter() - start
+            cost = report["scoring_cost"]
+            label = f"{method} w{width:g} d{depth:g}"
+            removed = prunable_fraction_removed(bench.dense, model, tower)
+            common = {"removed": removed, "prune_s": prune_s,
+                      "mope_calls": cost["forward_calls"], "mope_fwd_equiv": cost["full_forward_equivalents"]}
+            row = bench.row(model, tower, label, distilled="no", **common)
+            rows.append(row)
+            print(row, flush=True)
+            start = time.perf_counter()
+            history = distill(model, bench.dense, bench.distill_data, [tower],
+                              DistillSettings(steps=args.distill_steps, lr=1e-4, eval_every=10, patience=5),
+                              progress=False)
+            row = bench.row(model, tower, label, distilled=f"yes ({history['steps_run']} steps)",
+                            distill_s=time.perf_counter() - start, **common)
+            if not args.no_unstructured:
+                row["wanda_same_budget"] = bench.unstructured(tower, removed)
+            rows.append(row)
+            print(row, flush=True)
+            models[label] = model
+        timed = bench.latencies(models, tower)
+        for row in rows:
+            if row["tower"] == tower:
+                row.update(timed[row["config"]])
+        del models
+    for row in rows:
+        dense = next(r for r in rows if r["tower"] == row["tower"] and r["config"] == "dense")
+        row["speedup_b1"] = dense["ms_b1"] / row["ms_b1"]
+        row["speedup_b32"] = dense["ms_b32"] / row["ms_b32"]
+        row["d_acc_pts"] = 100 * (row["accuracy"] - dense["accuracy"])
+    columns = ["tower", "config", "distilled", "tower_params_M", "model_MB", "removed", "accuracy", "d_acc_pts",
+               "wanda_same_budget", "ms_b1", "ms_b32", "speedup_b1", "speedup_b32", "mope_calls", "mope_fwd_equiv",
+               "prune_s", "distill_s"]
+    table = markdown_table(rows, columns)
+    text = (f"# Structured pruning of the default dual encoder\n\n{machine()}\n\n"
+            f"`python -m benchmarks.structured {' '.join(f'--towers {t}' for t in args.towers)} "
+            f"--repeats {args.repeats} --threads {args.threads} --distill-steps {args.distill_steps}"
+            f"{' --configs ' + ' '.join(args.configs) if args.configs else ''}`\n\n"
+            f"Zero-shot accuracy on {len(bench.test)} held-out digits (evaluation templates). Latency: median of "
+            f"{args.repeats} runs of the tower's encode (after 3 warm-up runs), {args.threads} thread(s), all models "
+            "timed round-robin (a distilled model has its undistilled twin's shape and shares its time); "
+            "the machine was shared with other jobs, so latencies are noisy. `removed`: fraction of the tower's "
+            "Linear/1x1-conv weights removed; `wanda_same_budget`: unstructured Wanda accuracy at that fraction. "
+            "MoPE scored on 64 training-split pairs; `mope_calls` batched forwards, `mope_fwd_equiv` their work in "
+            "full-tower forwards. Distillation: 512 training-split pairs (20% validation), early stopping.\n\n"
+            f"{table}\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The benchmark runner (benchmarks/): report tables and files from synthetic rows, README sections
+between markers, the profiles file, and one tiny end-to-end run of the Prefect flow with MLflow."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+import yaml
+
+from benchmarks.grid import Config
+from benchmarks.report import (
+    MarkerError,
+    SuiteResult,
+    losses,
+    published_table,
+    replace_section,
+    update_readme,
+    with_ratios,
+    write_report,
+)
+from benchmarks.suites import (
+    GridBlock,
+    ProfileError,
+    check_profile,
+    load_profiles,
+    resolve_profile,
+    run_script,
+    target_of,
+)
+from tests.tiny import tiny_params
+
+
+def grid_rows(metric: str, values: dict[str, float]) -> list[dict]:
+    """Rows as the runner makes them: allocation x pruner at 50%, with a metric value each."""
+    rows = []
+    for key, value in values.items():
+        allocation, pruner = key.split("+")
+        config = Config(allocation, "zeroth_order" if allocation == "ecoflap" else "none", pruner, 0.5)
+        rows.append({"suite": "s", "method": config.method, "label": config.label, "allocation": allocation,
+                     "scoring": config.scoring, "pruner": pruner, "pattern": "unstructured", "target": 0.5,
+                     "sparsity": 0.5, metric: value, "prune_s": 2.0, "prune_mb": 900.0, "evaluate_s": 1.0,
+                     "evaluate_mb": 950.0})
+    return rows
+
+
+def accuracy_result() -> SuiteResult:
+    rows = grid_rows("zero_shot_accuracy", {"uniform+wanda": 0.5, "owl+wanda": 0.4, "ecoflap+wanda": 0.8,
+                                            "uniform+sparsegpt": 0.7})
+    rows.append({**rows[0], "target": 0.6, "label": "uniform + wanda @ 60%", "zero_shot_accuracy": 0.2})
+    return SuiteResult(name="de", title="tiny accuracy", rows=rows, metric="zero_shot_accuracy",
+                       higher_is_better=True, columns=["method", "target", "sparsity", "zero_shot_accuracy"],
+                       cost_columns=["method", "target", "prune_s", "prune_mb", "evaluate_s", "evaluate_mb"],
+                       dense={"method": "dense", "target": 0.0, "sparsity": 0.0, "zero_shot_accuracy": 1.0,
+                              "baseline_s": 3.0, "baseline_mb": 800.0},
+                       compare_uniform=True, methodology="one run each", settings=["p.yaml", "a.b=1"])
+
+
+def test_ratios_to_uniform_and_dense():
+    rows = {r["label"]: r for r in with_ratios(accuracy_result())}
+    assert rows["ecoflap-zeroth + wanda @ 50%"]["x uniform"] == pytest.approx(0.8 / 0.5)
+    assert rows["owl + wanda @ 50%"]["x uniform"] == pytest.approx(0.4 / 0.5)
+    assert rows["owl + wanda @ 50%"]["x dense"] == pytest.approx(0.4)
+    assert rows["uniform + wanda @ 50%"]["x uniform"] is None  # a uniform row is its own baseline
+
+
+def test_losses_follow_the_metric_direction():
+    lost = losses(accuracy_result())
+    assert len(lost) == 1 and lost[0].startswith("owl + wanda @ 50%") and "uniform + wanda @ 50%" in lost[0]
+    ppl = SuiteResult(name="lm", title="t", metric="perplexity", higher_is_better=False, columns=["method"],
+                      rows=grid_rows("perplexity", {"uniform+wanda": 40.0, "owl+wanda": 50.0, "ecoflap+wanda": 20.0}),
+                      compare_uniform=True, methodology="")
+    lost = losses(ppl)
+    assert len(lost) == 1 and lost[0].startswith("owl + wanda @ 50%") and "ratio 1.25" in lost[0]
+
+
+def test_write_report_tables_csv_and_plots(tmp_path):
+    result = accuracy_result()
+    result.rows.append({"suite": "s", "method": "uniform + magnitude", "label": "uniform + magnitude @ 50%",
+                        "error": "RuntimeError: boom"})
+    written = write_report([result], tmp_path, "tiny", "python -m benchmarks.runner --profile tiny", "sequential",
+                           published=None)
+    report = (tmp_path / "report.md").read_text()
+    for expected in ("python -m benchmarks.runner --profile tiny", "Machine:", "torch ", "transformers ",
+                     "prefect ", "mlflow ", "dvc ", "perf_counter", "psutil",
+                     "| ecoflap-zeroth + wanda | 50% | 0.500 | 0.800 | 1.60x | 0.80x |",
+                     "| dense | 0% | 0.000 | 1.000 |  |  |", "FAILED uniform + magnitude @ 50%: RuntimeError: boom",
+                     "Settings: `p.yaml a.b=1`"):
+        assert expected in report, expected
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 + 6  # dense + five configurations + the failed one
+    assert {"suite", "method", "target", "zero_shot_accuracy", "prune_s", "error"} <= set(rows[0])
+    assert rows[0]["method"] == "dense" and rows[0]["suite"] == "de"
+    for name in ("de_zero_shot_accuracy.png", "de_costs.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 1000
+    assert set(written["sections"]) == {"de"} and "1.60x" in written["sections"]["de"]
+
+
+def test_published_numbers_beside_ours():
+    rows = grid_rows("perplexity", {"uniform+wanda": 36.32, "uniform+sparsegpt": 29.6})
+    result = SuiteResult(name="smollm2", title="t", rows=rows, metric="perplexity", higher_is_better=False,
+                         columns=["method"], dense={"perplexity": 14.651}, compare_uniform=True, methodology="")
+    text = published_table({"smollm2": result})
+    wanda = next(line for line in text.splitlines() if line.startswith("|  |  | Wanda | 50% |"))
+    cells = [c.strip() for c in wanda.split("|")]
+    assert cells[5:11] == ["6.42", "dense", f"{6.42 / 5.12:.2f}x", "uniform + wanda @ 50%", "36.320",
+                           f"{36.32 / 14.651:.2f}x"]
+    assert "not in this profile's grid" in text  # magnitude, 2:4, OWL at 70% are not in these rows
+    assert "suite dual_encoder not in this run" in text
+
+
+def test_replace_section_changes_only_the_marked_region(tmp_path):
+    text = ("# Title\n\nintro\n<!-- benchmark:lm:start -->\nold table\n<!-- benchmark:lm:end -->\nafter\n"
+            "<!-- benchmark:de:start -->\n<!-- benchmark:de:end -->\n")
+    new = replace_section(text, "lm", "| new |\n")
+    assert new == text.replace("old table", "| new |")
+    assert replace_section(new, "lm", "| new |") == new  # idempotent
+    path = tmp_path / "README.md"
+    path.write_text(text)
+    assert update_readme(path, {"lm": "A", "de": "B"}) == ["lm", "de"]
+    assert path.read_text() == text.replace("old table", "A").replace(
+        "<!-- benchmark:de:start -->\n", "<!-- benchmark:de:start -->\nB\n")
+
+
+def test_missing_or_repeated_marker_is_an_error_and_nothing_is_written(tmp_path):
+    text = "a\n<!-- benchmark:lm:start -->\nx\n<!-- benchmark:lm:end -->\n"
+    with pytest.raises(MarkerError, match=r"benchmark:de:start.*found 0 start"):
+        replace_section(text, "de", "y")
+    with pytest.raises(MarkerError, match="found 2 start"):
+        replace_section(text + "<!-- benchmark:lm:start -->\n", "lm", "y")
+    with pytest.raises(MarkerError):
+        replace_section("<!-- benchmark:lm:end -->\n<!-- benchmark:lm:start -->\n", "lm", "y")
+    path = tmp_path / "README.md"
+    path.write_text(text)
+    with pytest.raises(MarkerError, match="'de'"):
+        update_readme(path, {"lm": "new", "de": "new"})
+    assert path.read_text() == text
+
+
+def test_every_profile_validates_against_the_params_schema():
+    names = load_profiles()
+    assert {"quick", "full", "gpu"} <= set(names)
+    counts = {name: check_profile(resolve_profile(name)) for name in names}
+    assert counts["quick"] > 0 and counts["full"] > counts["quick"] and counts["gpu"] == counts["full"]
+    from params.schema import load_params
+
+    gpu = resolve_profile("gpu")
+    for suite in gpu.suites.values():
+        assert load_params(suite.params, [*suite.overrides, *suite.configs()[0].overrides()]).model.device == "cuda"
+    quick = resolve_profile("quick")
+    lm = load_params(quick.suites["smollm2"].params, quick.suites["smollm2"].overrides)
+    assert (lm.calibration.n_samples, lm.data.seq_len, lm.model.device) == (16, 128, "cpu")
+
+
+def test_profile_errors_name_what_to_change(tmp_path):
+    with pytest.raises(ProfileError, match="profiles: quick"):
+        resolve_profile("nope")
+    with pytest.raises(ProfileError, match="its suites: dual_encoder, smollm2"):
+        resolve_profile("quick", suites=["nope"])
+    bad = {"p": {"description": "d", "suites": {"s": {
+        "kind": "grid", "title": "t", "params": "params/presets/default.yaml", "overrides": ["pruning.sparsty=0.5"],
+        "metric": "m", "higher_is_better": True, "metrics": ["m"], "grid": [{"pruner": "wanda"}]}}}}
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ProfileError, match="pruning.sparsty: unknown key"):
+        check_profile(resolve_profile("p", path))
+    bad["p"]["suites"]["s"]["grid"] = [{"pruner": "wanda", "sparsityy": 0.5}]
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ProfileError, match="sparsityy"):
+        resolve_profile("p", path)
+
+
+def test_grid_block_expands_every_combination():
+    block = GridBlock(allocation=["uniform", "owl"], pruner=["wanda", "sparsegpt"], sparsity=[0.5, 0.6, 0.7])
+    configs = block.configs()
+    assert len(configs) == 12 and len(set(configs)) == 12
+    assert Config("owl", "none", "sparsegpt", 0.7) in configs
+    assert target_of(Config(pattern="2:4")) == 0.5 and target_of(Config(pattern="4:8", sparsity=0.9)) == 0.5
+    assert Config("ecoflap", "first_order", "wanda", 0.7).method == "ecoflap-first + wanda"
+
+
+def script_suite(profile: str, out: str, scale: float = 1.0) -> dict:
+    """A script suite for the test below: two rows with a latency column."""
+    return {"rows": [{"method": "a", "target": 0.5, "latency_ms": 2.0 * scale}], "columns": ["method", "latency_ms"],
+            "metric": "latency_ms", "higher_is_better": False, "methodology": "median of 5 after 2 warm-up runs"}
+
+
+def incomplete_script_suite(profile: str, out: str) -> dict:
+    return {"rows": [], "colums": []}
+
+
+def test_script_suite_interface(tmp_path):
+    data = run_script("tests.test_benchmarks:script_suite", "quick", str(tmp_path), {"scale": 3.0})
+    assert data["rows"][0]["latency_ms"] == 6.0
+    with pytest.raises(ProfileError, match=r"missing \['columns', 'higher_is_better'.*unknown \['colums'\]"):
+        run_script("tests.test_benchmarks:incomplete_script_suite", "quick", str(tmp_path), {})
+
+
+def test_dask_flag_without_prefect_dask_names_the_install_command(monkeypatch):
+    from benchmarks.runner import task_runner
+
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=r"pip install -e \"\.\[dask\]\""):
+        task_runner(True)
+    assert type(task_runner(False)).__name__ == "ThreadPoolTaskRunner"
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_dual_encoder_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    params = tiny_params(tiny_dual_encoder_dir, root / "unused", tracking={"enabled": False})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    suite = {"kind": "grid", "title": "tiny dual encoder", "params": str(root / "params.yaml"), "overrides": [],
+             "metric": "zero_shot_accuracy", "higher_is_better": True,
+             "metrics": ["zero_shot_accuracy", "image_cosine"],
+             "grid": [{"allocation": ["uniform", "owl"], "pruner": "wanda", "sparsity": 0.5}]}
+    (root / "profiles.yaml").write_text(yaml.safe_dump({"tiny": {"description": "tiny", "suites": {"tiny": suite}}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench_harness():
+    """A temporary Prefect server with a startup timeout that survives a loaded 2-core machine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_flow_end_to_end_with_mlflow(tiny_profile, bench_harness, tmp_path):
+    from mlflow import MlflowClient
+
+    from benchmarks.runner import benchmark
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = benchmark(profile="tiny", profiles_path=str(tiny_profile / "profiles.yaml"), out=str(tmp_path / "out"),
+                       mlflow_uri=uri, experiment="bench-test", command="test run")
+    assert result["failed"] == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| uniform + wanda | 50% | 0.500 |" in report and "| owl + wanda | 50% |" in report
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["dense", "uniform + wanda", "owl + wanda"]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("bench-test").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_id == result["parent_run_id"] and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {result["parent_run_id"]}
+    assert {r.data.params["allocation"] for r in children} == {"uniform", "owl"}
+    assert all(0 <= r.data.metrics["zero_shot_accuracy"] <= 1 and r.data.metrics["prune_s"] > 0 for r in children)
+    assert parents[0].data.params["profile"] == "tiny" and "tiny.dense.zero_shot_accuracy" in parents[0].data.metrics
+    files = {f.path for f in client.list_artifacts(result["parent_run_id"], "report")}
+    assert {"report/report.md", "report/results.csv", "report/tiny_zero_shot_accuracy.png"} <= files

@@ -1,0 +1,116 @@
+"""Train the projector of :class:`~vlmprune.models.vision_lm.VisionLM` with the vision tower and the
+language model frozen (LLaVA's first stage, "feature alignment"; Liu et al. 2023).
+
+Task: visual question answering on a labelled image set: the dataset's question after the visual
+tokens, the class name as the answer (sequences from
+:meth:`vlmprune.adapters.vision_lm.VisionLMAdapter.qa_sequences`, the ones evaluation scores).
+Loss: teacher-forced next-token cross-entropy on the answer tokens only,
+L = -(1/|A|) sum_{t in A} log p(y_t | y_<t, image), A = the answer tokens and the EOS after them.
+
+Cost on a CPU: the frozen visual tokens are computed once per training image and cached; each step
+runs the language model on ``batch_size`` sequences (visual tokens + question + answer) forward and
+backward (gradients flow to the projector only), and the LM head only at the answer positions.
+Optimiser: AdamW on the projector, linear warm-up over the first 5% of the steps, then cosine
+decay to zero (LLaVA's schedule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlmprune.data.images import ImageDataset, to_pixel_values
+from vlmprune.models.vision_lm import VisionLM
+
+
+@dataclass
+class ProjectorTrainingResult:
+    final_loss: float  # mean loss over the last tenth of the steps
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per step
+
+
+@torch.no_grad()
+def cache_image_features(model: VisionLM, images, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Frozen visual tokens (n, n_image_tokens, channels) of uint8 greyscale ``images``."""
+    model.vision.eval()
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="visual tokens", leave=False, disable=not progress):
+        pixels = to_pixel_values(images[start:start + batch_size], model.config.image_size)
+        chunks.append(model.image_features(pixels.to(model.projector[0].weight.dtype)))
+    return torch.cat(chunks)
+
+
+def answer_loss(model: VisionLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                features: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy at the labelled positions (labels != -100), from cached visual tokens.
+
+    Equal to ``lm_loss(model(...).logits, labels)``, with the LM head applied only where a label is read.
+    """
+    embeds = model.merge_image_embeds(input_ids, model.projector(features))
+    hidden = model.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    scored = targets != -100
+    logits = model.language_model.lm_head(hidden[:, :-1][scored])
+    return F.cross_entropy(logits.float(), targets[scored])
+
+
+def _warmup_cosine(steps: int):
+    warmup = max(1, round(0.05 * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def train_projector(model: VisionLM, tokenizer, data: ImageDataset, steps: int = 200, batch_size: int = 16,
+                    lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                    progress: bool = True) -> ProjectorTrainingResult:
+    """Fit ``model.projector`` on ``data`` (training images only); the vision tower and the language
+    model are left untouched. The projector is re-initialised from ``seed`` first, and batches are
+    drawn with ``seed``, so the result depends only on the frozen parts, the data and the seed."""
+    from vlmprune.adapters.base import LoadedModel
+    from vlmprune.adapters.vision_lm import VisionLMAdapter
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.projector:
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
+    frozen = [p for name, p in model.named_parameters() if not name.startswith("projector.") and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        features = cache_image_features(model, data.images, progress=progress)
+        # every example shares the prompt: one padded row per class, picked by label
+        rows = VisionLMAdapter().qa_sequences(LoadedModel(model, tokenizer), data.name, data.class_names)
+        labels = torch.from_numpy(data.labels)
+        optimizer = torch.optim.AdamW(model.projector.parameters(), lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
+        losses = []
+        bar = tqdm(range(steps), desc="train projector", leave=False, disable=not progress)
+        for _ in bar:
+            index = torch.randint(len(labels), (batch_size,), generator=generator)
+            y = labels[index]
+            loss = answer_loss(model, rows["input_ids"][y], rows["attention_mask"][y], rows["labels"][y], features[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    tail = losses[-max(1, steps // 10):]
+    return ProjectorTrainingResult(final_loss=sum(tail) / len(tail), steps=steps, losses=losses)

@@ -1,0 +1,115 @@
+"""What a candidate policy is scored by, and how a candidate is pruned from the dense weights.
+
+Objectives (higher is better), measured on the search samples only (drawn from the training
+split with their own seed; the held-out split is never read):
+
+- ``loss`` (every family): minus the model's own calibration loss, ``-mean_b adapter.loss(model, b)``
+  over batches of the search samples. Its penalty scale R is the dense model's loss on the same
+  samples: a heuristic scale (a per-sample loss is unbounded, so the SRM bound holds only for a
+  loss clipped to [0, R]).
+- ``accuracy`` (families with a hook below; the dual encoder): zero-shot accuracy of the search
+  images against class embeddings built from the *training* caption templates (the evaluation
+  templates stay unseen), as in :mod:`vlmprune.evaluators.zero_shot`. Per-sample values in {0, 1}: R = 1.
+- ``probability`` (same families): the zero-shot probability of the correct class,
+  softmax_c(exp(logit_scale) * cos(image, class c))[label], averaged over the search images: in
+  [0, 1] (R = 1) like accuracy, but it does not saturate at 1 when every search image is right.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlmprune.pruners import Pruner
+from vlmprune.sequential import prune_tower_sequential
+from vlmprune.sparsity import Group
+
+
+def _dual_encoder_correct(loaded, spec, samples: dict, batch_size: int, device: str,
+                          probability: bool = False) -> Callable[[nn.Module], torch.Tensor]:
+    """Per-sample zero-shot correctness (float 0/1, on the CPU), or with ``probability`` the softmax
+    probability of the correct class; class c's embedding is the normalised mean of its normalised
+    prompt embeddings (prompt ensembling, as vlmprune.evaluators.zero_shot)."""
+    from vlmprune.data.images import image_split
+
+    data, _, _ = image_split(spec)
+    templates = data.train_templates
+    prompts = loaded.processor([t.format(c) for c in data.class_names for t in templates], padding=True,
+                               return_tensors="pt")  # tokenised once: a fast tokenizer is not thread-safe
+    ids, mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
+    labels = samples["labels"].cpu()
+    pixels = samples["pixel_values"]
+
+    @torch.no_grad()
+    def correct(model: nn.Module) -> torch.Tensor:
+        text = F.normalize(model.encode_text(ids, mask).float(), dim=-1).view(len(data.class_names), len(templates), -1)
+        classes = F.normalize(text.mean(1), dim=-1).cpu()
+        images = torch.cat([F.normalize(model.encode_image(pixels[s:s + batch_size].to(device)).float(), dim=-1).cpu()
+                            for s in range(0, len(pixels), batch_size)])
+        cosine = images @ classes.T
+        if probability:
+            scale = float(model.logit_scale.exp())
+            return torch.softmax(scale * cosine, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+        return (cosine.argmax(dim=1) == labels).float()
+
+    return correct
+
+
+# family -> builder of a per-sample correctness function (values in {0, 1}); accuracy is its mean
+ACCURACY_HOOKS = {"dual_encoder": _dual_encoder_correct}
+
+
+def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metric: str, batch_size: int,
+                   device: str) -> tuple[Callable[[nn.Module], float], float]:
+    """``(objective(model) -> float, value range R)`` on the search ``samples`` (a dict of per-sample tensors)."""
+    if metric in ("accuracy", "probability"):
+        hook = ACCURACY_HOOKS.get(adapter.family)
+        if hook is None:
+            raise ValueError(f"search objective {metric!r} is built only for: {', '.join(ACCURACY_HOOKS)} "
+                             f"(model family {adapter.family!r}); use allocation.search.objective: loss")
+        correct = hook(loaded, spec, samples, batch_size, device, probability=metric == "probability")
+        return (lambda model: float(correct(model).mean())), 1.0
+    if metric != "loss":
+        raise ValueError(f"unknown search objective {metric!r}; known: accuracy, probability, loss")
+    n = len(next(iter(samples.values())))
+    batches = [{k: v[s:s + batch_size].to(device) for k, v in samples.items()} for s in range(0, n, batch_size)]
+
+    @torch.no_grad()
+    def minus_loss(model: nn.Module) -> float:
+        return -sum(float(adapter.loss(model, b)) * len(next(iter(b.values()))) for b in batches) / n
+
+    dense = -minus_loss(loaded.model)
+    return minus_loss, max(dense, 1e-6)
+
+
+class CandidatePruner:
+    """Prunes one model to a given per-layer sparsity, always starting from its dense weights.
+
+    Keeps a CPU copy of every prunable weight; :meth:`prune` restores them, then prunes tower by
+    tower with the configured pruner on the cached calibration ``batches`` (prune stage semantics,
+    :func:`vlmprune.sequential.prune_tower_sequential`). Only prunable weights change, so restoring
+    them restores the dense model.
+    """
+
+    def __init__(self, model: nn.Module, towers, groups: list[Group], batches: list[dict], pruner: Pruner,
+                 nm: tuple[int, int] | None):
+        self.model, self.towers, self.groups, self.batches = model, towers, groups, batches
+        self.pruner, self.nm = pruner, nm
+        self.layers = {name: layer for g in groups for name, layer in g.layers.items()}
+        self.dense = {name: layer.weight.detach().cpu().clone() for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, layer in self.layers.items():
+            layer.weight.copy_(self.dense[name])
+
+    def prune(self, layer_sparsity: dict[str, float]) -> None:
+        self.restore()
+        for tower in self.towers:
+            members = [(g.name, g.module, g.layers) for g in self.groups if g.tower == tower.name]
+            if members:
+                prune_tower_sequential(self.model, tower.run, self.batches, members, layer_sparsity, self.pruner,
+                                       self.nm, progress=False)
