@@ -90,8 +90,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_mode(args.one, args.samples, args.seq_len, args.batch_size, args.threads)))
         return
 
+    import torch
+
     from benchmarks.common import machine, markdown_table
 
+    torch.set_num_threads(args.threads)  # as in the measured processes, so the header says so
     results = {}
     for mode in args.modes:
         cmd = [sys.executable, "-m", "benchmarks.scoring_cost", "--one", mode, "--samples", str(args.samples),

@@ -86,6 +86,8 @@ DATA_FIELD_READERS = {
     "image_column": ("image_folder", "hf"),
     "label_column": ("image_folder", "hf"),
     "caption_column": ("image_folder", "hf"),
+    "question_column": ("image_folder", "hf"),
+    "answer_column": ("image_folder", "hf"),
     "text_column": ("hf",),
     "image_size": ("image_folder", "hf"),
 }
@@ -110,6 +112,12 @@ class DataParams(Section):
     label_column: str = Field("label", min_length=1, description="image_folder/hf: the class-name column")
     caption_column: str = Field("caption", min_length=1,
                                 description="image_folder/hf: the optional calibration-caption column")
+    question_column: str = Field("question", min_length=1,
+                                 description="image_folder/hf: the optional per-example VQA question column "
+                                             "(needs the answer column; image-to-text families)")
+    answer_column: str = Field("answer", min_length=1,
+                               description="image_folder/hf: the per-example VQA answer column (with the "
+                                           "question column)")
     text_column: str = Field("text", min_length=1, description="hf: the text column of a text dataset")
     image_size: int = Field(224, ge=8, le=1024, description="image_folder/hf: images are resized and "
                                                              "centre-cropped to this square")

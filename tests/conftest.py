@@ -29,7 +29,19 @@ def tiny_dual_encoder_dir(tmp_path_factory):
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # the default 30 s fails on a loaded 2-core machine
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one intra-op thread, and it avoids the thread-pool stalls (10-100x slower
+    forwards) seen when other processes load the CPU. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 

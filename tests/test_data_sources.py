@@ -237,10 +237,10 @@ def test_empty_held_out_split(tmp_path):
            folder_spec(tmp_path, test_fraction=0.1))
 
 
-def test_question_columns_are_not_built(tmp_path):
+def test_question_column_needs_an_answer_column(tmp_path):
     rows = make_folder(tmp_path, captions=False)
     write_annotations(tmp_path / "labels.csv", [{**r, "question": "what?"} for r in rows])
-    expect(NotImplementedError, ["question", "not built"], check_data, folder_spec(tmp_path))
+    expect(ValueError, ["question column 'question'", "no answer column 'answer'"], check_data, folder_spec(tmp_path))
 
 
 @pytest.mark.parametrize("data,message", [
@@ -403,3 +403,181 @@ def test_tiny_clip_calibrate_and_evaluate_on_image_folder(tmp_path):
 def test_empty_text_file_is_an_error(tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n   \n")
     expect(ValueError, ["holds no text", "empty"], check_data, DataSpec(name="text_file", path=str(tmp_path / "blank.txt")))
+
+
+# ---- per-example VQA questions and answers (image-to-text families) ----------------------------------
+
+VQA_QUESTIONS = ["What colour is it?", "Which animal is it?", "How many animals?"]
+
+
+def make_vqa_folder(root, n=12, label=False, fmt="jsonl", rows_fn=None):
+    """n solid-colour images (cat red / dog blue, alternating) listed in root/labels.<fmt> with a
+    question (cycling through VQA_QUESTIONS) and its answer: the colour, the animal, or "one"/"two"."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        animal = "cat" if i % 2 == 0 else "dog"
+        name = f"img/{i}.png"
+        Image.new("RGB", SIZES[i % len(SIZES)], COLOURS[animal]).save(root / name)
+        question = VQA_QUESTIONS[i % 3]
+        answer = {0: "red" if animal == "cat" else "blue", 1: animal, 2: "one" if i % 4 < 2 else "two"}[i % 3]
+        rows.append({"image": name, "question": question, "answer": answer, **({"label": animal} if label else {})})
+    rows = rows_fn(rows) if rows_fn else rows
+    write_annotations(root / f"labels.{fmt}", rows, list(rows[0]))
+    return rows
+
+
+def test_vqa_folder_carries_questions_and_answers(tmp_path):
+    rows = make_vqa_folder(tmp_path / "a")
+    data, _, test = image_split(folder_spec(tmp_path / "a", test_fraction=0.5))
+    assert data.questions == [r["question"] for r in rows] and data.answers == [r["answer"] for r in rows]
+    # no label column: the class names are the distinct answers, each label its answer's index
+    assert data.class_names == sorted({r["answer"] for r in rows})
+    assert [data.class_names[y] for y in data.labels] == data.answers
+    sub = data.subset(test)
+    assert sub.questions == [rows[i]["question"] for i in test] and sub.answers == [rows[i]["answer"] for i in test]
+    assert check_data(folder_spec(tmp_path / "a"))["questions"] == 3
+    # a label column is kept as the labels; CSV reads the same questions
+    make_vqa_folder(tmp_path / "b", label=True, fmt="csv")
+    b, _, _ = image_split(folder_spec(tmp_path / "b"))
+    assert b.class_names == ["cat", "dog"] and b.questions == data.questions and b.answers == data.answers
+    # renamed columns through data.question_column / data.answer_column
+    make_vqa_folder(tmp_path / "c", rows_fn=lambda rs: [{"image": r["image"], "q": r["question"], "a": r["answer"]}
+                                                          for r in rs])
+    c, _, _ = image_split(folder_spec(tmp_path / "c", question_column="q", answer_column="a"))
+    assert c.questions == data.questions and c.answers == data.answers
+    # without the columns nothing changes
+    make_folder(tmp_path / "d")
+    assert image_split(folder_spec(tmp_path / "d"))[0].questions is None
+
+
+def test_vqa_bad_inputs_name_the_problem(tmp_path):
+    def folder(name, rows_fn):
+        make_vqa_folder(tmp_path / name, rows_fn=rows_fn)
+        return folder_spec(tmp_path / name)
+
+    drop = lambda column: lambda rs: [{k: v for k, v in r.items() if k != column} for r in rs]
+    expect(ValueError, ["answer column 'answer'", "no question column 'question'", "data.question_column"],
+           check_data, folder("a", drop("question")))
+    expect(ValueError, ["question column 'question'", "no answer column 'answer'", "data.answer_column"],
+           check_data, folder("b", drop("answer")))
+    blank = lambda column, row: lambda rs: [{**r, column: "  "} if i == row else r for i, r in enumerate(rs)]
+    expect(ValueError, ["row 3", "empty 'question'", "data.question_column"], check_data, folder("c", blank("question", 2)))
+    expect(ValueError, ["row 5", "empty 'answer'", "data.answer_column"], check_data, folder("d", blank("answer", 4)))
+    # renamed columns: the messages name the configured column
+    make_vqa_folder(tmp_path / "e")
+    expect(ValueError, ["no question column 'q'", "data.question_column"], check_data,
+           folder_spec(tmp_path / "e", question_column="q"))
+    # params: only image_folder and hf read the columns
+    with pytest.raises(ParamsError, match="data.question_column is only read"):
+        validate({"data": {"name": "digits", "question_column": "q"}})
+    assert validate({"data": {"name": "hf", "hf_id": "x", "answer_column": "a"}}).data.answer_column == "a"
+
+
+@needs_datasets
+def test_vqa_hf_dataset(tmp_path):
+    rows = make_vqa_folder(tmp_path / "src")
+    images = [Image.open(tmp_path / "src" / r["image"]) for r in rows]
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": images, "question": [r["question"] for r in rows],
+                                     "answer": [r["answer"] for r in rows]}, features=features)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    data, _, _ = image_split(hf_spec(tmp_path / "saved"))
+    assert data.questions == [r["question"] for r in rows] and data.answers == [r["answer"] for r in rows]
+    assert [data.class_names[y] for y in data.labels] == data.answers
+    # several answers per row (VQAv2's "answers") is not one text value: a clear error
+    listed = datasets.Dataset.from_dict({"image": images[:2], "question": ["q", "q"], "answer": [["a", "b"], ["c"]]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "question": datasets.Value("string"),
+                                                                    "answer": datasets.Sequence(datasets.Value("string"))}))
+    listed.save_to_disk(str(tmp_path / "listed"))
+    expect(ValueError, ["row 0", "'answer'", "list", "one string per example"], image_split, hf_spec(tmp_path / "listed"))
+
+
+def tiny_image_to_text(family):
+    from tests.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_vision_lm
+    from vlmprune.adapters import ADAPTERS
+    from vlmprune.adapters.base import LoadedModel
+
+    builder = {"blip2": build_tiny_blip2, "llava": build_tiny_llava, "vision_lm": build_tiny_vision_lm}[family]
+    model, tokenizer = builder()
+    return ADAPTERS.get(family)(), LoadedModel(model, tokenizer), tokenizer
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava", "vision_lm"])
+def test_vqa_calibration_targets_each_examples_own_answer(family, tmp_path):
+    rows = make_vqa_folder(tmp_path)
+    adapter, loaded, tokenizer = tiny_image_to_text(family)
+    spec = folder_spec(tmp_path, test_fraction=0.25)
+    batch = adapter.make_calibration(loaded, spec, 6, seed=0)
+    pad = tokenizer.pad_token_id
+    lengths = set()
+    for ids, mask, labels, i in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["index"].tolist()):
+        n = int(mask.sum())
+        lengths.add(n)
+        assert mask[:n].all() and not mask[n:].any() and (ids[n:] == pad).all()  # right padding only
+        target = labels != -100
+        start = int(target.nonzero()[0])
+        assert target[start:n].all() and not target[:start].any() and not target[n:].any()
+        assert torch.equal(labels[target], ids[target])
+        # the labelled tokens are exactly this example's answer and EOS; the prompt holds its own question
+        end = n if tokenizer.eos_token_id is None else n - 1  # answer tokens, then EOS where the tokenizer has one
+        assert end == n or labels[end] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[start:end]).strip() == rows[i]["answer"]
+        assert tokenizer.decode(ids[:start], skip_special_tokens=True).split("?")[0].lower().endswith(
+            rows[i]["question"].lower().rstrip("?"))
+        assert int((ids[:start] == adapter.image_token_id(loaded.model)).sum()) == adapter.n_image_tokens(loaded.model)
+    assert len(lengths) > 1  # the prompts differ in length, so padding was exercised
+    assert adapter.loss(loaded.model, batch).isfinite()
+
+
+@pytest.mark.parametrize("family", ["llava"])  # vision_lm inherits evaluate (its calibration is tested above)
+def test_vqa_evaluation_groups_by_question_and_scores_own_answers(family, tmp_path):
+    from vlmprune.adapters.causal_lm import lm_loss
+
+    rows = make_vqa_folder(tmp_path, n=18, label=True)  # labels cat/dog: the class names are not the answers
+    adapter, loaded, tokenizer = tiny_image_to_text(family)
+    spec = folder_spec(tmp_path, test_fraction=0.5)
+    _, _, test = image_split(spec)
+    # a fake greedy decoder answering one fixed word per question
+    said = {"colour": "red", "which": "dog", "many": "two"}
+    calls = []
+
+    def generate(input_ids, pixel_values, attention_mask, max_new_tokens, **kw):
+        assert attention_mask.all() and (input_ids == input_ids[:1]).all()  # one prompt per call, no padding
+        prompt = tokenizer.decode(input_ids[0], skip_special_tokens=True)
+        key = next(k for k in said if k in prompt.lower())
+        calls.append((key, len(input_ids)))
+        answer = torch.tensor(tokenizer(" " + said[key], add_special_tokens=False)["input_ids"])
+        return torch.cat([input_ids, answer.expand(len(input_ids), -1)], dim=1)
+
+    loaded.model.generate = generate
+    metrics, outputs = adapter.evaluate(loaded, spec, batch_size=2, max_samples=None, device="cpu")
+    by_question = {}
+    for i in test.tolist():
+        by_question.setdefault(rows[i]["question"], []).append(i)
+    assert len(by_question) == 3
+    # every call saw one question; the calls cover each question's held-out images, in batches of <= 2
+    assert sorted(n for _, n in calls) == sorted(min(2, len(v) - s) for v in by_question.values()
+                                                 for s in range(0, len(v), 2))
+    seen = {}
+    for key, n in calls:
+        seen[key] = seen.get(key, 0) + n
+    key_of = {"What colour is it?": "colour", "Which animal is it?": "which", "How many animals?": "many"}
+    assert seen == {key_of[q]: len(v) for q, v in by_question.items()}
+    expected = np.mean([said[key_of[rows[i]["question"]]] == rows[i]["answer"] for i in test.tolist()])
+    assert 0 < expected < 1  # the case discriminates
+    assert metrics["vqa_accuracy"] == pytest.approx(expected)
+    # answer loss: the mean over all answer tokens of each image's own question + answer, one at a time
+    data, _, _ = image_split(spec)
+    total, count = 0.0, 0
+    for i in test.tolist():
+        one = adapter._question_sequences(loaded, data, np.array([i]))
+        pixels = adapter._pixels(loaded, data.images[np.array([i])])
+        with torch.no_grad():
+            logits = adapter._run_full(loaded.model, {**one, "pixel_values": pixels}).logits
+        total += float(lm_loss(logits, one["labels"], reduction="none")[one["labels"][:, 1:] != -100].sum())
+        count += int((one["labels"] != -100).sum())
+    assert metrics["answer_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert outputs["answer_logits"].shape[0] <= count

@@ -14,14 +14,7 @@ zeroth_order = SCORERS.get("zeroth_order")
 first_order = SCORERS.get("first_order")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one intra-op thread is as fast, and it avoids the
-    thread-pool stalls (100x slower forwards) seen when another process loads the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- tiny models

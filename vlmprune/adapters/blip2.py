@@ -14,6 +14,14 @@ Evaluation on held-out images (:meth:`ImageToTextAdapter.evaluate`), visual ques
 image? Answer:" (digits; "What is in the image?" for other sets) with the class name (for digits
 also the numeral); ``answer_loss`` = mean token cross-entropy of the reference answer after the
 question; outputs: the next-token log-probabilities at the answer positions (KL fidelity).
+
+VQA-style sets (per-example ``questions`` and ``answers``, :class:`vlmprune.data.images.ImageDataset`):
+calibration uses each image's own question as the prompt and its answer as the target (prompts of
+different lengths: right-padded, labels on the answer tokens only, attention mask 0 on padding);
+evaluation groups the held-out images by question, so each ``generate`` call still sees one prompt
+(no padding), and ``vqa_accuracy`` = mean over images of [normalize(greedy answer) ==
+normalize(the image's answer)] (exact match after the normalisation of :func:`normalize_answer`,
+with one reference answer per image rather than the ten-annotator VQA score of Antol et al. 2015).
 """
 
 from __future__ import annotations
@@ -125,30 +133,65 @@ class ImageToTextAdapter(ModelAdapter):
 
     def _sequences(self, loaded: LoadedModel, prompt: str, answers: list[str]) -> dict[str, torch.Tensor]:
         """prompt + answer per example, right-padded; labels are the answer tokens only."""
-        head = self.prompt_ids(loaded, prompt)
-        bodies = [self._answer_ids(loaded, prompt, a) for a in answers]
-        length = len(head) + max(len(b) for b in bodies)
+        return self._pair_sequences(loaded, [prompt] * len(answers), answers)
+
+    def _pair_sequences(self, loaded: LoadedModel, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        """Each example's own prompt + answer, right-padded to the longest; labels are the answer tokens
+        only (-100 on the prompt and the padding), attention mask 1 on prompt and answer, 0 on padding."""
+        heads = {p: self.prompt_ids(loaded, p) for p in dict.fromkeys(prompts)}
+        rows = [(heads[p], self._answer_ids(loaded, p, a)) for p, a in zip(prompts, answers)]
+        length = max(len(head) + len(body) for head, body in rows)
         pad = pad_token_id(tokenizer_of(loaded.processor))
         ids = torch.full((len(answers), length), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         labels = torch.full_like(ids, -100)
-        for i, body in enumerate(bodies):
+        for i, (head, body) in enumerate(rows):
             n = len(head) + len(body)
             ids[i, :n] = torch.tensor(head + body)
             mask[i, :n] = 1
             labels[i, len(head):n] = torch.tensor(body)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def _question_sequences(self, loaded: LoadedModel, data, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """The images ``index`` of a VQA-style set: each one's question prompt + its answer."""
+        rows = np.asarray(index).tolist()
+        return self._pair_sequences(loaded, [self.question_prompt(data.questions[i]) for i in rows],
+                                    [data.answers[i] for i in rows])
+
     def _pixels(self, loaded: LoadedModel, images: np.ndarray) -> torch.Tensor:
         mean, std = image_stats(loaded.processor)
         return pixel_values(images, self.image_size(loaded.model), mean, std).to(model_dtype(loaded.model))
 
     def make_calibration(self, loaded: LoadedModel, spec: DataSpec, n_samples: int, seed: int) -> dict[str, torch.Tensor]:
-        """``n_samples`` training-split images, each with a training-template caption as the target."""
+        """``n_samples`` training-split images, each with a training-template caption as the target (a
+        VQA-style set: each with its own question as the prompt and its answer as the target)."""
         require_images(spec, self.family)
         data, index, _, captions, _ = draw_calibration_images(spec, n_samples, seed)
+        sequences = (self._question_sequences(loaded, data, index) if data.has_questions
+                     else self._sequences(loaded, self.caption_prompt, captions))
         return {"index": torch.from_numpy(index), "pixel_values": self._pixels(loaded, data.images[index]),
-                **self._sequences(loaded, self.caption_prompt, captions)}
+                **sequences}
+
+    def _eval_batches(self, loaded: LoadedModel, spec: DataSpec, data, test: np.ndarray, batch_size: int):
+        """The held-out images as (prompt, indices) batches with one prompt each, the reference answer and
+        the accepted normalised answers of each image, and the generation budget in tokens."""
+        if data.has_questions:
+            groups = {}
+            for i in test.tolist():
+                groups.setdefault(data.questions[i], []).append(i)
+            batches = [(self.question_prompt(q), np.asarray(rows[s:s + batch_size]))
+                       for q, rows in groups.items() for s in range(0, len(rows), batch_size)]
+            references = {i: data.answers[i] for i in test.tolist()}
+            accepted = {i: {normalize_answer(a)} for i, a in references.items()}
+            max_new = max(len(self._answer_ids(loaded, "", a)) for a in set(references.values())) + 1
+            return batches, references, accepted, max_new
+        prompt = self.question_prompt(QUESTIONS.get(spec.name, DEFAULT_QUESTION))
+        batches = [(prompt, test[s:s + batch_size]) for s in range(0, len(test), batch_size)]
+        by_class = accepted_answers(spec.name, data.class_names)
+        references = {i: data.class_names[data.labels[i]] for i in test.tolist()}
+        accepted = {i: by_class[data.labels[i]] for i in test.tolist()}
+        max_new = max(len(self._answer_ids(loaded, prompt, a)) for a in data.class_names) + 1
+        return batches, references, accepted, max_new
 
     @torch.no_grad()
     def evaluate(self, loaded: LoadedModel, spec: DataSpec, batch_size: int, max_samples: int | None,
@@ -158,27 +201,25 @@ class ImageToTextAdapter(ModelAdapter):
         data, _, test = image_split(spec)
         test = test[:max_samples] if max_samples else test
         model, tokenizer = loaded.model, tokenizer_of(loaded.processor)
-        prompt = self.question_prompt(QUESTIONS.get(spec.name, DEFAULT_QUESTION))
-        labels = data.labels[test]
-        answers = [data.class_names[y] for y in labels]
-        accepted = accepted_answers(spec.name, data.class_names)
-        head = torch.tensor(self.prompt_ids(loaded, prompt))
-        max_new = max(len(self._answer_ids(loaded, prompt, a)) for a in data.class_names) + 1
+        batches, references, accepted, max_new = self._eval_batches(loaded, spec, data, test, batch_size)
         pad = pad_token_id(tokenizer)
+        heads = {}
         correct, nll, n_tokens, answer_logprobs = 0, 0.0, 0, []
-        for start in range(0, len(test), batch_size):
-            index = test[start:start + batch_size]
+        for prompt, index in batches:
+            if prompt not in heads:
+                heads[prompt] = torch.tensor(self.prompt_ids(loaded, prompt))
             pixels = self._pixels(loaded, data.images[index]).to(device)
-            # greedy answer to the question (the prompt is the same for every image: no padding)
-            ids = head.unsqueeze(0).expand(len(index), -1).to(device)
+            # greedy answer to the question (the prompt is the same for every image of a batch: no padding)
+            ids = heads[prompt].unsqueeze(0).expand(len(index), -1).to(device)
             generated = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                                        max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
             if generated.shape[1] >= ids.shape[1] and torch.equal(generated[:, :ids.shape[1]], ids):
                 generated = generated[:, ids.shape[1]:]
-            for text, y in zip(tokenizer.batch_decode(generated, skip_special_tokens=True), labels[start:start + len(index)]):
-                correct += normalize_answer(text) in accepted[y]
+            for text, i in zip(tokenizer.batch_decode(generated, skip_special_tokens=True), index.tolist()):
+                correct += normalize_answer(text) in accepted[i]
             # teacher-forced reference answers
-            batch = {k: v.to(device) for k, v in self._sequences(loaded, prompt, answers[start:start + len(index)]).items()}
+            answers = [references[i] for i in index.tolist()]
+            batch = {k: v.to(device) for k, v in self._sequences(loaded, prompt, answers).items()}
             logits = self._run_full(model, {**batch, "pixel_values": pixels}).logits
             token_nll = lm_loss(logits, batch["labels"], reduction="none")
             scored = batch["labels"][:, 1:] != -100

@@ -32,7 +32,7 @@ from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
 from vlmprune.adapters.causal_lm import architectures, read_config
 from vlmprune.data.images import channels_first, draw_calibration_images, image_split
 from vlmprune.data.spec import IMAGE_SOURCES, DataSpec
-from vlmprune.evaluators.zero_shot import class_embeddings, zero_shot_accuracy
+from vlmprune.evaluators.zero_shot import class_embeddings, eval_captions, retrieval_recalls, zero_shot_accuracy
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -88,13 +88,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def features(output) -> torch.Tensor:
     """``get_*_features`` returns a tensor (transformers 4) or an output whose pooler is the projection (5)."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def recall_at_k(similarity: torch.Tensor, query_labels: np.ndarray, item_labels: np.ndarray, k: int) -> float:
-    """Fraction of queries (rows) with an item of their own label among their ``k`` most similar items."""
-    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices.numpy()
-    hits = (item_labels[top] == query_labels[:, None]).any(axis=1)
-    return float(hits.mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,22 +172,14 @@ class CLIPAdapter(ModelAdapter):
         labels = data.labels[test]
         classes = class_embeddings(encode_text, _Tokenize(self, loaded), data.class_names, data.eval_templates,
                                    device=device)
-        rng = np.random.default_rng(spec.seed)
-        templates = rng.integers(len(data.eval_templates), size=len(test))
-        captions = [data.eval_templates[t].format(data.class_names[y]) for t, y in zip(templates, labels)]
+        captions = eval_captions(data.class_names, data.eval_templates, labels, spec.seed)
         texts = []
         for start in range(0, len(captions), batch_size):
             tokens = self._tokenize(loaded, captions[start:start + batch_size]).to(device)
             texts.append(F.normalize(encode_text(tokens["input_ids"], tokens["attention_mask"]).float(), dim=-1).cpu())
         texts = torch.cat(texts)
-        similarity = images @ texts.T
-        metrics = {
-            "zero_shot_accuracy": zero_shot_accuracy(images, classes, labels),
-            "i2t_r1": recall_at_k(similarity, labels, labels, 1),
-            "i2t_r5": recall_at_k(similarity, labels, labels, 5),
-            "t2i_r1": recall_at_k(similarity.T, labels, labels, 1),
-            "t2i_r5": recall_at_k(similarity.T, labels, labels, 5),
-        }
+        metrics = {"zero_shot_accuracy": zero_shot_accuracy(images, classes, labels),
+                   **retrieval_recalls(images, texts, labels)}
         return metrics, {"image": images, "text": classes, "caption": texts}
 
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 from vlmprune.adapters.base import ADAPTERS, LoadedModel, ModelAdapter, Tower
 from vlmprune.data.images import draw_calibration_images, image_split, to_pixel_values
 from vlmprune.data.spec import DataSpec
-from vlmprune.evaluators.zero_shot import class_embeddings, embed_images, zero_shot_accuracy
+from vlmprune.evaluators.zero_shot import (class_embeddings, embed_images, embed_texts, eval_captions,
+                                           retrieval_recalls, zero_shot_accuracy)
 from vlmprune.models.dual_encoder import DualEncoder, is_dual_encoder_dir
 from vlmprune.models.train_heads import multi_positive_contrastive_loss
 
@@ -76,9 +77,10 @@ class DualEncoderAdapter(ModelAdapter):
 
     def evaluate(self, loaded: LoadedModel, spec: DataSpec, batch_size: int, max_samples: int | None,
                  device: str, progress: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Zero-shot accuracy on the held-out split with evaluation-only templates.
+        """Zero-shot accuracy on the held-out split with evaluation-only templates, and class-aware
+        retrieval R@1/R@5 both ways between the held-out images and one evaluation-template caption each.
 
-        Returns ``(metrics, embeddings)``; the embeddings (images, class texts) feed the label-free
+        Returns ``(metrics, embeddings)``; the embeddings (images, class texts, captions) feed the label-free
         fidelity metrics that compare a pruned model with its dense parent.
         """
         data, _, test = image_split(spec)
@@ -87,5 +89,9 @@ class DualEncoderAdapter(ModelAdapter):
         images = embed_images(model.encode_image, data.images[test], model.config.image_size,
                               batch_size=batch_size, device=device, progress=progress)
         classes = class_embeddings(model.encode_text, tokenizer, data.class_names, data.eval_templates, device=device)
-        metrics = {"zero_shot_accuracy": zero_shot_accuracy(images, classes, data.labels[test])}
-        return metrics, {"image": images, "text": classes}
+        labels = data.labels[test]
+        captions = embed_texts(model.encode_text, tokenizer,
+                               eval_captions(data.class_names, data.eval_templates, labels, spec.seed), device=device)
+        metrics = {"zero_shot_accuracy": zero_shot_accuracy(images, classes, labels),
+                   **retrieval_recalls(images, captions, labels)}
+        return metrics, {"image": images, "text": classes, "caption": captions}

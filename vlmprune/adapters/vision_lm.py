@@ -13,6 +13,8 @@ Calibration: training-split images with the dataset's question (:data:`QUESTIONS
 class name, loss = next-token cross-entropy on the answer tokens: the task the projector was
 trained on (LLaVA's stage-1 alignment), not captioning, which this model never learned.
 Evaluation: :meth:`ImageToTextAdapter.evaluate` (VQA exact match, answer loss, answer logits).
+VQA-style sets (per-example questions and answers): calibration and evaluation use each image's own
+question and answer, as in :mod:`vlmprune.adapters.blip2`.
 """
 
 from __future__ import annotations
@@ -86,9 +88,13 @@ class VisionLMAdapter(ImageToTextAdapter):
         return self._sequences(loaded, self.question_prompt(QUESTIONS.get(dataset, DEFAULT_QUESTION)), answers)
 
     def make_calibration(self, loaded: LoadedModel, spec: DataSpec, n_samples: int, seed: int) -> dict[str, torch.Tensor]:
-        """``n_samples`` training-split images drawn with ``seed``, each with the question and its class name."""
+        """``n_samples`` training-split images drawn with ``seed``, each with the question and its class name
+        (a VQA-style set: each with its own question and answer)."""
         require_images(spec, self.family)
         data, index, labels, _, _ = draw_calibration_images(spec, n_samples, seed)
-        answers = [data.class_names[y] for y in labels]
+        if data.has_questions:
+            sequences = self._question_sequences(loaded, data, index)
+        else:
+            sequences = self.qa_sequences(loaded, spec.name, [data.class_names[y] for y in labels])
         return {"index": torch.from_numpy(index), "pixel_values": self._pixels(loaded, data.images[index]),
-                **self.qa_sequences(loaded, spec.name, answers)}
+                **sequences}

@@ -27,7 +27,8 @@ def check_data(spec: DataSpec, n_samples: int | None = None) -> dict[str, int | 
     (calibration.n_samples) training images. Text sets: the file or dataset opens and holds some
     text (whether each part fills a window of data.seq_len tokens is checked when it is tokenized,
     with a message naming data.seq_len).
-    Returns a summary: kind, examples (images or documents), train, heldout, classes (images).
+    Returns a summary: kind, examples (images or documents), train, heldout, classes (images),
+    questions (distinct questions, VQA-style image sets).
     """
     kind = data_kind(spec)
     if kind == "text":
@@ -55,5 +56,8 @@ def check_data(spec: DataSpec, n_samples: int | None = None) -> dict[str, int | 
                          f"{spec.test_fraction}) is empty: change data.test_fraction or add images")
     if n_samples is not None and n_samples > len(train):
         raise too_few_images(spec, n_samples, len(train))
-    return {"kind": kind, "examples": len(data), "train": len(train), "heldout": len(test),
-            "classes": len(data.class_names)}
+    summary = {"kind": kind, "examples": len(data), "train": len(train), "heldout": len(test),
+               "classes": len(data.class_names)}
+    if data.has_questions:
+        summary["questions"] = len(set(data.questions))
+    return summary

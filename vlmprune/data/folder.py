@@ -8,11 +8,16 @@ to the folder; default: the first of ``labels.csv``, ``labels.jsonl``, ``caption
 - ``data.label_column`` (default ``label``): its class name. Class names are the distinct labels,
   sorted; they feed the zero-shot prompts and are the VQA answers;
 - ``data.caption_column`` (default ``caption``, optional): free text used as the image's calibration
-  caption instead of a template caption (rows with an empty caption use a template).
+  caption instead of a template caption (rows with an empty caption use a template);
+- ``data.question_column`` and ``data.answer_column`` (defaults ``question``, ``answer``, optional,
+  together; VQA-style sets): a question about the image and its reference answer, non-empty on every
+  row. The image-to-text families then calibrate on each image's own question and answer and score
+  their answers against it. The label column becomes optional: without it the class names are the
+  distinct answers (sorted) and each image's label is its answer's index among them.
 
 CSV files need a header row; a JSONL file holds one JSON object per line. Images are decoded with
 Pillow when used (:class:`vlmprune.data.decode.LazyImages`), RGB, resized and centre-cropped to
-``data.image_size``. Per-example VQA questions (``question``/``answer`` columns) are not built.
+``data.image_size``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ from PIL import Image
 from vlmprune.data.decode import LazyImages
 from vlmprune.data.spec import DEFAULT_ANNOTATIONS, DataSpec
 from vlmprune.errors import DataError, DataNotFoundError
-
-NOT_BUILT_COLUMNS = ("question", "answer")
 
 
 def folder_of(spec: DataSpec) -> Path:
@@ -94,6 +97,42 @@ def require_columns(where: str, columns: list[str], needed: dict[str, str]) -> N
                              f"{', '.join(columns) or 'none'}")
 
 
+def has_questions(where: str, columns: list[str], spec: DataSpec) -> bool:
+    """Whether the set has per-example questions: both ``data.question_column`` and
+    ``data.answer_column`` present (one without the other is an error)."""
+    question, answer = spec.question_column in columns, spec.answer_column in columns
+    if question != answer:
+        have, lack = (("question", "answer") if question else ("answer", "question"))
+        raise DataError(f"{where} has a {have} column {getattr(spec, have + '_column')!r} (data.{have}_column) "
+                         f"but no {lack} column {getattr(spec, lack + '_column')!r} (data.{lack}_column): VQA "
+                         f"examples need both; add the {lack} column, set data.{lack}_column to it, or drop the "
+                         f"{have} column; columns present: {', '.join(columns)}")
+    return question
+
+
+def question_values(where: str, column: str, field: str, values: list, first_row: int) -> list[str]:
+    """The stripped strings of a question or answer column; an empty or non-text value is an error
+    naming its row (``first_row`` is the number of the first value: 1 for files, 0 for datasets)."""
+    out = []
+    for number, value in enumerate(values, start=first_row):
+        if isinstance(value, (list, tuple, dict)):
+            raise DataError(f"{where} row {number}: {column!r} ({field}) holds {type(value).__name__} {value!r}, "
+                             "not one text value; point the field at a column with one string per example")
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise DataError(f"{where} row {number}: empty {column!r} value ({field}); every example needs a "
+                             "question and an answer")
+        out.append(text)
+    return out
+
+
+def labels_of(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and the sorted distinct class names of a list of names."""
+    class_names = sorted(set(names))
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index[n] for n in names], dtype=np.int64), class_names
+
+
 def load_folder(spec: DataSpec):
     """The :class:`~vlmprune.data.images.ImageDataset` of an image folder (images decoded on access)."""
     from vlmprune.data.images import ImageDataset
@@ -102,16 +141,23 @@ def load_folder(spec: DataSpec):
     path = annotation_file(spec)
     rows, columns = read_rows(path)
     where = f"annotation file {str(path)!r}"
-    not_built = [c for c in NOT_BUILT_COLUMNS if c in columns]
-    if not_built:
-        raise NotImplementedError(f"{where} has column(s) {', '.join(not_built)}: per-example VQA questions are "
-                                  "not built; put the answer (a class name) in the label column and drop them")
-    require_columns(where, columns, {"data.image_column": spec.image_column, "data.label_column": spec.label_column})
+    vqa = has_questions(where, columns, spec)
+    needed = {"data.image_column": spec.image_column}
+    if not vqa or spec.label_column in columns:
+        needed["data.label_column"] = spec.label_column
+    require_columns(where, columns, needed)
     if not rows:
         raise DataError(f"{where} lists no images: the dataset is empty")
+    questions = answers = None
+    if vqa:
+        questions = question_values(where, spec.question_column, "data.question_column",
+                                    [row.get(spec.question_column) for row in rows], 1)
+        answers = question_values(where, spec.answer_column, "data.answer_column",
+                                  [row.get(spec.answer_column) for row in rows], 1)
     files, names = [], []
     for number, row in enumerate(rows, start=1):
-        image, label = (row.get(spec.image_column) or "").strip(), (row.get(spec.label_column) or "").strip()
+        image = (row.get(spec.image_column) or "").strip()
+        label = (row.get(spec.label_column) or "").strip() if "data.label_column" in needed else answers[number - 1]
         if not image or not label:
             empty = spec.image_column if not image else spec.label_column
             raise DataError(f"{where} row {number}: empty {empty!r} value")
@@ -121,13 +167,11 @@ def load_folder(spec: DataSpec):
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise DataNotFoundError(f"{len(missing)} image(s) listed in {where} not found: {shown}")
-    class_names = sorted(set(names))
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([index[n] for n in names], dtype=np.int64)
+    labels, class_names = labels_of(names)
     captions = None
     if spec.caption_column in columns:
         captions = [(row.get(spec.caption_column) or "").strip() or None for row in rows]
     images = LazyImages(lambda i: Image.open(files[i]), lambda i: repr(str(files[i])), range(len(files)),
                         spec.image_size)
-    return ImageDataset(spec.name, images, labels, class_names, captions=captions)
-
+    return ImageDataset(spec.name, images, labels, class_names, captions=captions, questions=questions,
+                        answers=answers)

@@ -8,8 +8,11 @@ set when it has ``data.text_column`` instead:
 
 - images: labels from ``data.label_column``; a ``ClassLabel`` column gives its names as the class
   names, any other column the distinct values (as strings, sorted). ``data.caption_column``, when
-  present, gives the calibration captions. Images are decoded when used, RGB, resized and
-  centre-cropped to ``data.image_size`` (:mod:`vlmprune.data.decode`).
+  present, gives the calibration captions. ``data.question_column`` and ``data.answer_column``, when
+  present (together, one string per row), give per-example VQA questions and answers, as for image
+  folders (:mod:`vlmprune.data.folder`); the label column is then optional (without it the class
+  names are the distinct answers). Images are decoded when used, RGB, resized and centre-cropped to
+  ``data.image_size`` (:mod:`vlmprune.data.decode`).
 - text: the non-empty strings of ``data.text_column`` are the documents, split by document like
   the Wikipedia corpus (:mod:`vlmprune.data.text`).
 
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprune.data.decode import LazyImages
-from vlmprune.data.folder import require_columns
+from vlmprune.data.folder import has_questions, labels_of, question_values, require_columns
 from vlmprune.data.spec import DataSpec
 from vlmprune.errors import DataError, DataNotFoundError
 
@@ -101,17 +104,27 @@ def hf_image_dataset(spec: DataSpec):
 
     dataset = open_hf(spec)
     where = _where(spec)
-    require_columns(where, dataset.column_names,
-                    {"data.image_column": spec.image_column, "data.label_column": spec.label_column})
+    vqa = has_questions(where, dataset.column_names, spec)
+    with_labels = not vqa or spec.label_column in dataset.column_names
+    require_columns(where, dataset.column_names, {"data.image_column": spec.image_column,
+                                                  **({"data.label_column": spec.label_column} if with_labels else {})})
     if len(dataset) == 0:
         raise DataError(f"{where} is empty")
     feature = dataset.features[spec.image_column]
     if not isinstance(feature, datasets.Image):
         raise DataError(f"{where}: column {spec.image_column!r} (data.image_column) holds {feature}, not images "
                          "(datasets.Image); set data.image_column to the image column")
-    values = _column(dataset, spec.label_column)
-    label_feature = dataset.features[spec.label_column]
-    if isinstance(label_feature, datasets.ClassLabel):
+    questions = answers = None
+    if vqa:
+        questions = question_values(where, spec.question_column, "data.question_column",
+                                    _column(dataset, spec.question_column), 0)
+        answers = question_values(where, spec.answer_column, "data.answer_column",
+                                  _column(dataset, spec.answer_column), 0)
+    values = _column(dataset, spec.label_column) if with_labels else None
+    label_feature = dataset.features[spec.label_column] if with_labels else None
+    if not with_labels:
+        labels, class_names = labels_of(answers)
+    elif isinstance(label_feature, datasets.ClassLabel):
         class_names = list(label_feature.names)
         labels = np.asarray(values, dtype=np.int64)
         unlabelled = np.flatnonzero(labels < 0)
@@ -121,17 +134,15 @@ def hf_image_dataset(spec: DataSpec):
     else:
         if any(v is None for v in values):
             raise DataError(f"{where}: column {spec.label_column!r} (data.label_column) has empty labels")
-        names = [str(v) for v in values]
-        class_names = sorted(set(names))
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = np.array([index[n] for n in names], dtype=np.int64)
+        labels, class_names = labels_of([str(v) for v in values])
     captions = None
     if spec.caption_column in dataset.column_names:
         captions = [(str(c).strip() if c is not None else "") or None for c in _column(dataset, spec.caption_column)]
     pictures = dataset.select_columns([spec.image_column])
     images = LazyImages(lambda i: pictures[i][spec.image_column], lambda i: f"row {i} of {where}",
                         range(len(dataset)), spec.image_size)
-    return ImageDataset(spec.name, images, labels, class_names, captions=captions)
+    return ImageDataset(spec.name, images, labels, class_names, captions=captions, questions=questions,
+                        answers=answers)
 
 
 def hf_text_documents(spec: DataSpec) -> list[str]:

@@ -76,13 +76,31 @@ class ImageDataset:
     """uint8 images, greyscale (n, h, w) or RGB (n, h, w, 3) (an array or :class:`LazyImages`), integer
     labels (n,), class names, caption templates; ``captions``: one free-text caption or None per
     image (folders and Hugging Face sets with a caption column), used by calibration instead of a
-    template caption."""
+    template caption; ``questions`` and ``answers``: one VQA question and its reference answer per
+    image (folders and Hugging Face sets with question and answer columns), both None or both set.
+    With them the image-to-text families calibrate on each image's question and answer and score
+    each generated answer against that image's answer instead of the class name."""
 
     name: str
     images: np.ndarray | LazyImages
     labels: np.ndarray
     class_names: list[str]
     captions: list[str | None] | None = None
+    questions: list[str] | None = None
+    answers: list[str] | None = None
+
+    def __post_init__(self):
+        if (self.questions is None) != (self.answers is None):
+            raise DataError(f"{self.name}: questions and answers come together (got only "
+                            f"{'questions' if self.answers is None else 'answers'})")
+        for field in ("captions", "questions", "answers"):
+            values = getattr(self, field)
+            if values is not None and len(values) != len(self.labels):
+                raise DataError(f"{self.name}: {len(values)} {field} for {len(self.labels)} images")
+
+    @property
+    def has_questions(self) -> bool:
+        return self.questions is not None
 
     @property
     def train_templates(self) -> list[str]:
@@ -94,8 +112,10 @@ class ImageDataset:
 
     def subset(self, index: np.ndarray) -> "ImageDataset":
         images = self.images.take(index) if isinstance(self.images, LazyImages) else self.images[index]
-        captions = None if self.captions is None else [self.captions[i] for i in np.asarray(index).tolist()]
-        return ImageDataset(self.name, images, self.labels[index], self.class_names, captions)
+        rows = np.asarray(index).tolist()
+        pick = lambda values: None if values is None else [values[i] for i in rows]
+        return ImageDataset(self.name, images, self.labels[index], self.class_names, pick(self.captions),
+                            pick(self.questions), pick(self.answers))
 
     def __len__(self) -> int:
         return len(self.labels)

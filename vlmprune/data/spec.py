@@ -29,6 +29,8 @@ class DataSpec:
     columns when it is opened.
     Columns (``image_folder`` and ``hf``): ``image_column``, ``label_column`` (class names),
     ``caption_column`` (used when present: the calibration caption instead of a template),
+    ``question_column`` and ``answer_column`` (used when present, together: per-example VQA questions
+    and answers for the image-to-text families; the label column is then optional),
     ``text_column`` (text sets). ``image_size``: decoded images are resized (shorter side) and
     centre-cropped to ``image_size`` x ``image_size`` RGB.
 
@@ -47,6 +49,8 @@ class DataSpec:
     image_column: str = "image"
     label_column: str = "label"
     caption_column: str = "caption"
+    question_column: str = "question"
+    answer_column: str = "answer"
     text_column: str = "text"
     image_size: int = 224
     seq_len: int = 512

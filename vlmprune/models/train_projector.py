@@ -81,6 +81,9 @@ def train_projector(model: VisionLM, tokenizer, data: ImageDataset, steps: int =
     from vlmprune.adapters.base import LoadedModel
     from vlmprune.adapters.vision_lm import VisionLMAdapter
 
+    if data.has_questions:
+        raise NotImplementedError("the projector is trained to name the class of each image; training it on "
+                                  "per-example questions (data.question_column) is not built: use a labelled set")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     for layer in model.projector:

@@ -48,6 +48,9 @@ def vqa_set(adapter, loaded, spec: DataSpec, split: str, max_samples: int | None
     sample of ``max_samples`` of the training split, the first ``max_samples`` of the test split."""
     require_images(spec, adapter.family)
     data, train, test = image_split(spec)
+    if data.has_questions:
+        raise NotImplementedError(f"PAR asks one fixed question per image and scores class names; {spec.name} has "
+                                  "per-example questions (data.question_column), which PAR does not support yet")
     if split == "train":
         index = np.random.default_rng(seed).permutation(train)[:max_samples]
     else:

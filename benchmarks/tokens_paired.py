@@ -1,0 +1,84 @@
+"""PAR prefill latency, paired: dense and pruned prefill alternate on the same image (batch 1, 1 thread),
+so load drift on a shared machine cancels; prints the median of the per-pair speed-ups.
+
+    python -m benchmarks.tokens_paired MODEL_DIR ROUTER_DIR [--repeats 15]
+
+``prefill`` is pixels to first-token logits (vision tower and projector included); ``lm_prefill`` is
+the language model only. Two warm-up pairs per operating point are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vlmprune.adapters import ADAPTERS, detect_family
+from vlmprune.data.spec import DataSpec
+from vlmprune.par.decoder import decoder_of
+from vlmprune.par.engine import Plan, prefill
+from vlmprune.par.evaluate import vqa_set
+from vlmprune.par.policies import AttentionPolicy, RouterPolicy
+from vlmprune.par.router import load_router
+
+# (policy, token keep ratio, layer keep ratio)
+POINTS = [("router", 0.5, 1.0), ("attention", 0.5, 1.0), ("router", 0.25, 1.0), ("router", 0.5, 0.75),
+          ("router", 1.0, 0.75)]
+WARMUP = 2
+N_IMAGES = 32
+
+
+def timed_prefill(decoder, ids, mask, pixels, plan: Plan, policy) -> tuple[float, float]:
+    """(seconds from pixels, seconds of the language model alone) of one prefill."""
+    start = time.perf_counter()
+    embeds = decoder.embed_inputs(ids, pixels)
+    middle = time.perf_counter()
+    prefill(decoder, embeds, mask, plan, policy)
+    end = time.perf_counter()
+    return end - start, end - middle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("router")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--k", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    adapter = ADAPTERS.get(detect_family(args.model))()
+    loaded = adapter.load(args.model, torch.float32, "cpu")
+    decoder = decoder_of(loaded.model)
+    data = vqa_set(adapter, loaded, DataSpec(name="digits"), "test", N_IMAGES)
+    influence = json.loads((Path(args.router) / "router.json").read_text())["block_influence"]
+    policies = {"router": RouterPolicy(load_router(args.router)), "attention": AttentionPolicy(influence)}
+    ids = data.input_ids
+    mask = decoder.visual_mask(ids)
+    dense_plan = Plan(1.0, 1.0, args.k)
+
+    print("| policy | tokens | layers | dense prefill ms | pruned prefill ms | prefill x (median of pairs) | lm_prefill x |")
+    print("|---|---|---|---|---|---|---|")
+    with torch.no_grad():
+        for name, tokens, layers in POINTS:
+            dense, pruned = [], []
+            for r in range(args.repeats + WARMUP):
+                pixels = data.pixel_values[r % N_IMAGES][None]
+                d = timed_prefill(decoder, ids, mask, pixels, dense_plan, None)
+                p = timed_prefill(decoder, ids, mask, pixels, Plan(tokens, layers, args.k), policies[name])
+                if r >= WARMUP:
+                    dense.append(d)
+                    pruned.append(p)
+            speedup = statistics.median(d[0] / p[0] for d, p in zip(dense, pruned))
+            lm_speedup = statistics.median(d[1] / p[1] for d, p in zip(dense, pruned))
+            print(f"| {name} | {tokens:.0%} | {layers:.0%} | {1000 * statistics.median(d[0] for d in dense):.0f} | "
+                  f"{1000 * statistics.median(p[0] for p in pruned):.0f} | {speedup:.2f} | {lm_speedup:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
