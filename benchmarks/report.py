@@ -199,6 +199,7 @@ def plot_metric(result: SuiteResult, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from vlmprune.plots import save_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r[result.group] for r in rows):
@@ -215,9 +216,7 @@ def plot_metric(result: SuiteResult, path: Path) -> Path | None:
     ax.set_title(result.title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -231,6 +230,7 @@ def plot_costs(result: SuiteResult, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from vlmprune.plots import save_png
 
     labels = [r.get("label", r.get("method")) for r in rows]
     y = list(range(len(rows)))
@@ -251,9 +251,7 @@ def plot_costs(result: SuiteResult, path: Path) -> Path | None:
     left.set_yticks(y, labels, fontsize=7)
     left.invert_yaxis()
     fig.suptitle(f"{result.title}: stage costs", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path, bbox_inches="tight")
     return path
 
 

@@ -12,9 +12,9 @@ from prefect import task
 from safetensors.torch import save_file
 
 from params import RunParams
-from tasks.common import layout, tower_groups
+from tasks.common import calibration_batches, layout, tower_groups
 from tasks.io import (
-    atomic_dir, batches_of, load_model, load_tensors, read_json, resolve_device, stage_dir, write_json, write_meta,
+    atomic_dir, load_model, read_json, stage_dir, write_json, write_meta,
 )
 from tasks.resume import ResumeStore, log, run_digest
 from tasks.structured import prune_structured
@@ -42,18 +42,6 @@ def resume_store(params: RunParams) -> ResumeStore:
     return ResumeStore(Path(params.artifacts) / ".resume" / "prune", digest)
 
 
-def calibration_batches(params: RunParams) -> list[dict]:
-    """The calibration sample in batches; :class:`ArtifactError` when it does not match the params."""
-    data = load_tensors(stage_dir(params, "calibrate") / "calibration.safetensors")
-    n = len(next(iter(data.values())))
-    if n != params.calibration.n_samples:
-        raise ArtifactError(
-            f"{stage_dir(params, 'calibrate')}/calibration.safetensors holds {n} samples but calibration.n_samples "
-            f"is {params.calibration.n_samples}: rerun the calibrate stage (vlmprune stage calibrate)"
-        )
-    return batches_of(data, params.calibration.batch_size, resolve_device(params.model.device))
-
-
 def _check_allocation(allocation: dict[str, float], groups, path: Path) -> None:
     missing = [name for g in groups for name in g.layers if name not in allocation]
     if missing:
@@ -76,7 +64,7 @@ def prune(params: RunParams) -> str:
         adapter, loaded = load_model(params)
         groups = layout(params, adapter, loaded)
         _check_allocation(allocation, groups, allocation_path)
-        batches = calibration_batches(params) if pruner.needs_inputs else []
+        batches = calibration_batches(params, params.calibration.batch_size) if pruner.needs_inputs else []
         done = store.open()
         if done:
             log(f"resuming from group {done + 1} of {len(groups)} ({done} finished groups in {store.directory})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from params import RunParams
-from tasks.common import calibration_batches, layout, tower_groups
+from tasks.common import calibration_batches, calibration_sample, layout, tower_groups
 from tasks.io import atomic_dir, load_model, stage_dir, write_json, write_meta
 from vlmprune.outliers import group_outlier_ratios
 from vlmprune.profiling import measure
@@ -38,8 +38,9 @@ def score(params: RunParams) -> str:
         rows = {g.name: {"name": g.name, "tower": g.tower, "n_params": g.n_params,
                          "layers": {n: l.weight.numel() for n, l in g.layers.items()}} for g in groups}
         cost = {}
+        sample = calibration_sample(params) if s.method != "none" or params.allocation.method == "owl" else None
         if s.method != "none":
-            batches = calibration_batches(params, s.batch_size, limit=s.n_samples)
+            batches = calibration_batches(params, s.batch_size, limit=s.n_samples, sample=sample)
             result = SCORERS.get(s.method)(
                 loaded.model, {g.name: g.layers for g in groups}, adapter.loss, batches,
                 variant=s.variant, seed=s.seed, progress=True, **_scorer_options(params, adapter, loaded),
@@ -48,7 +49,7 @@ def score(params: RunParams) -> str:
                 rows[name]["score"] = value
             cost = {"forward_passes": result.forward_passes, "backward_passes": result.backward_passes}
         if params.allocation.method == "owl":
-            batches = calibration_batches(params, params.calibration.batch_size)
+            batches = calibration_batches(params, params.calibration.batch_size, sample=sample)
             for tower in adapter.towers(loaded.model):
                 members = tower_groups(groups, tower.name)
                 if members:

@@ -131,7 +131,7 @@ def write_candidates(result: SearchResult, space: PolicySpace, directory: Path) 
 
 
 def plot_candidates(rows: list[dict], path: Path) -> None:
-    from vlmprune.plots import plt  # pyplot with the Agg backend selected
+    from vlmprune.plots import plt, save_png  # pyplot with the Agg backend selected
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.scatter([r["round"] for r in rows], [r["objective"] for r in rows], s=14, label="objective")
@@ -149,9 +149,7 @@ def plot_candidates(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("search objective")
     ax.set_title("policy search: every candidate")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def log_candidates(mlflow, allocate_dir: Path) -> None:

@@ -10,6 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_png(fig, path: Path, **savefig_kwargs) -> None:
+    """Lay out ``fig``, write it to ``path`` as a PNG (parent folders created) and close it."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, **savefig_kwargs)
+    plt.close(fig)
+
+
 def sparsity_per_group(rows: list[dict], path: Path, title: str, measured_key: str | None = None) -> None:
     """Bars of target sparsity per group, one colour per tower; optional measured sparsity as dots.
 
@@ -30,10 +38,7 @@ def sparsity_per_group(rows: list[dict], path: Path, title: str, measured_key: s
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def dense_vs_pruned(metrics: dict[str, dict[str, float]], path: Path, title: str) -> None:
@@ -49,6 +54,4 @@ def dense_vs_pruned(metrics: dict[str, dict[str, float]], path: Path, title: str
     ax.set_xticklabels(names, fontsize=8)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from vlmprune.plots import save_png
 
 
 def accuracy_vs_latency(rows: list[dict], path: Path, title: str) -> None:
@@ -24,7 +25,4 @@ def accuracy_vs_latency(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("VQA accuracy")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
