@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: every day at 03:00)")
     serve.add_argument("--name", default="vlmprune-nightly", help="deployment name")
+    convert = sub.add_parser("convert", help="save a model (a packaged GGUF alias, a hub id, a directory) as a "
+                                             "safetensors checkpoint directory, which runtime.offload: disk reads")
+    convert.add_argument("model_id")
+    convert.add_argument("directory")
+    common(convert)
     return parser
 
 
@@ -122,6 +127,14 @@ def _main(argv: list[str] | None = None) -> int:
                 stage(args.name, args.params, args.overrides)
             else:
                 TASKS[args.name].fn(params)
+    elif args.command == "convert":
+        from tasks.io import atomic_dir, load_model
+
+        in_memory = params.model_copy(update={"runtime": params.runtime.model_copy(update={"offload": "none"})})
+        adapter, loaded = load_model(in_memory, args.model_id)
+        with atomic_dir(args.directory) as tmp:
+            adapter.save(loaded, tmp)
+        print(f"saved {args.model_id} ({params.model.dtype}) to {args.directory}: set model.id to it")
     elif args.command == "serve":
         from prefect import serve
 

@@ -50,6 +50,17 @@ class ModelParams(Section):
         return v
 
 
+class RuntimeParams(Section):
+    """How the model is held while it is calibrated, pruned and evaluated (vlmprune/offload.py)."""
+
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "none", description="none: the whole model on model.device; cpu: the model on the CPU, one block at a time "
+                            "on model.device; disk: the blocks stay in the safetensors checkpoint, one at a time in "
+                            "memory (causal_lm models)")
+    offload_dir: str | None = Field(None, description="disk: working folder for pruned blocks (default "
+                                                      "<artifacts>/.offload)")
+
+
 class VisionLMPrepareParams(Section):
     """Training of the offline LLaVA-style model's projector (vision tower and SmolLM2 frozen)."""
 
@@ -328,7 +339,8 @@ class StructuredParams(Section):
     width_ratio: float = Field(0.5, gt=0, le=1, description="heads and FFN neurons kept per layer")
     depth_ratio: float = Field(1.0, gt=0, le=1, description="layers kept per tower (residual layers only are removed)")
     ffn_group: float = Field(0.0625, gt=0, le=1, description="fraction of a layer's FFN width scored and removed together")
-    metric: Literal["accuracy", "retrieval", "loss"] = Field("accuracy", description="MoPE: the cross-modal metric whose drop is scored")
+    metric: Literal["accuracy", "retrieval", "loss", "lm_loss"] = Field(
+        "accuracy", description="MoPE: the cross-modal metric whose drop is scored; lm_loss for causal LMs (next-token loss)")
     n_samples: int = Field(64, ge=2, description="MoPE: first calibration pairs used for scoring")
     max_rows: int = Field(512, ge=1, description="MoPE: rows (candidates x samples) per batched forward")
     distill: DistillParams = DistillParams()
@@ -337,6 +349,7 @@ class StructuredParams(Section):
 class RunParams(Section):
     artifacts: str = Field("artifacts", description="directory of the stage artifacts")
     model: ModelParams = ModelParams()
+    runtime: RuntimeParams = RuntimeParams()
     prepare: PrepareParams = PrepareParams()
     data: DataParams = DataParams()
     calibration: CalibrationParams = CalibrationParams()

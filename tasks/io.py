@@ -24,6 +24,7 @@ from params import RunParams
 from vlmprune.adapters import ADAPTERS, LoadedModel, ModelAdapter, detect_family
 from vlmprune.data.spec import DataSpec
 from vlmprune.errors import ArtifactError, ModelError, ModelNotFoundError, RunLockedError
+from vlmprune.offload import Checkpoint, GroupOffloader, OffloadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -198,15 +199,36 @@ def adapter_for(params: RunParams, model_id: str | None = None) -> ModelAdapter:
 
 def load_model(params: RunParams, model_id: str | None = None) -> tuple[ModelAdapter, LoadedModel]:
     """The params' model through its family's ``from_pretrained``; a model that cannot be found or
-    read raises :class:`ModelNotFoundError` with what to change, not a loader traceback."""
+    read raises :class:`ModelNotFoundError` with what to change, not a loader traceback.
+
+    With ``runtime.offload`` cpu or disk the blocks are offloaded (vlmprune/offload.py):
+    ``loaded.offload`` holds them, and its forward hooks bring each one in for its own call.
+    """
     model_id = model_id or params.model.id
     adapter = adapter_for(params, model_id)
     check_model_id(model_id)
+    dtype, device, offload = DTYPES[params.model.dtype], resolve_device(params.model.device), params.runtime.offload
+    checkpoint = None
     try:
-        loaded = adapter.load(model_id, DTYPES[params.model.dtype], resolve_device(params.model.device))
+        if offload == "disk":
+            loaded, directory = adapter.load_skeleton(model_id, dtype)
+            checkpoint = Checkpoint(directory)
+        else:
+            loaded = adapter.load(model_id, dtype, "cpu" if offload == "cpu" else device)
     except OSError as error:  # FileNotFoundError, and what from_pretrained raises for a missing or bad id
         raise ModelNotFoundError(f"model.id {model_id!r} could not be loaded: {error}") from None
+    if offload != "none":
+        groups = {name: module for tower in adapter.towers(loaded.model) for name, module in tower.groups}
+        folder = params.runtime.offload_dir or Path(params.artifacts) / ".offload"
+        loaded.offload = GroupOffloader(loaded.model, groups, offload, device, checkpoint, folder).streaming()
     return adapter, loaded
+
+
+def require_in_memory(params: RunParams, what: str) -> None:
+    """Stop, with what to change, work that is not built for an offloaded model."""
+    if params.runtime.offload != "none":
+        raise OffloadError(f"{what} is not built for runtime.offload: {params.runtime.offload} (calibrate, baseline, "
+                           "layer-wise prune, OWL and evaluate are); set runtime.offload: none")
 
 
 @contextmanager

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import task
-from safetensors.torch import save_file
 
 from params import RunParams
 from tasks.common import calibration_batches, layout, tower_groups
@@ -21,8 +21,9 @@ from tasks.structured import prune_structured
 from vlmprune.errors import ArtifactError
 from vlmprune.pruners import PRUNERS
 from vlmprune.profiling import measure
+from vlmprune.safetensors_io import LazyTensors, write_streaming
 from vlmprune.sequential import prune_tower_sequential
-from vlmprune.sparsity import mask_digest, sparsity_report
+from vlmprune.sparsity import Group, mask_digest, sparsity_report
 from vlmprune.structured import STRUCTURED
 
 
@@ -51,6 +52,19 @@ def _check_allocation(allocation: dict[str, float], groups, path: Path) -> None:
         )
 
 
+def write_masks(path: Path, groups: list[Group], store: ResumeStore) -> None:
+    """The masks of every layer, read group by group from the checkpoint store into one file."""
+    specs = {name: (torch.bool, tuple(layer.weight.shape)) for g in groups for name, layer in g.layers.items()}
+
+    def tensors():
+        for g in groups:
+            masks = store.masks(g.name)
+            for name in g.layers:
+                yield name, masks[name]
+
+    write_streaming(path, specs, tensors())
+
+
 @task(name="prune")
 def prune(params: RunParams) -> str:
     if params.pruning.method in STRUCTURED:  # heads, neurons, layers removed: tasks/structured.py
@@ -65,23 +79,31 @@ def prune(params: RunParams) -> str:
         groups = layout(params, adapter, loaded)
         _check_allocation(allocation, groups, allocation_path)
         batches = calibration_batches(params, params.calibration.batch_size) if pruner.needs_inputs else []
+        offload = loaded.offload
         done = store.open()
         if done:
             log(f"resuming from group {done + 1} of {len(groups)} ({done} finished groups in {store.directory})")
-        masks = {}
         for tower in adapter.towers(loaded.model):
             members = tower_groups(groups, tower.name)
-            if members:
-                masks.update(prune_tower_sequential(
+            if members:  # each finished group's masks go to the checkpoint store only
+                prune_tower_sequential(
                     loaded.model, tower.run, batches, members, allocation, pruner, params.pruning.nm,
                     desc=f"{params.pruning.method} {tower.name}", restore=store.load, on_group_done=store.save,
-                ))
-        report = sparsity_report(groups)
+                    hold=offload.hold if offload else None, keep_masks=False,
+                )
+        report = sparsity_report(groups, hold=offload.read_only if offload else None)
     with atomic_dir(out) as tmp:
-        adapter.save(loaded, tmp / "model")
-        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
-        write_json(tmp / "sparsity.json", {"mask_sha256": mask_digest(masks), **report})
+        if offload and offload.mode == "disk":  # one block in memory at a time
+            offload.save_pretrained(tmp / "model")
+            loaded.processor.save_pretrained(str(tmp / "model"))
+        else:
+            adapter.save(loaded, tmp / "model")
+        write_masks(tmp / "masks.safetensors", groups, store)
+        write_json(tmp / "sparsity.json", {"mask_sha256": mask_digest(LazyTensors(tmp / "masks.safetensors")), **report})
         write_meta(tmp, "prune", usage.as_dict(), method=params.pruning.method, pattern=params.pruning.pattern,
-                   resumed_groups=done)
+                   resumed_groups=done, offload=params.runtime.offload,
+                   offloaded_groups=len(offload.groups) if offload else 0)
+    if offload:
+        offload.close()
     store.clear()
     return str(out)

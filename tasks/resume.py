@@ -102,6 +102,11 @@ class ResumeStore:
         self.finished += 1
         return state
 
+    def masks(self, group: str) -> dict[str, torch.Tensor]:
+        """The masks in ``group``'s checkpoint, by layer name (the checkpoint must exist)."""
+        with safe_open(str(self._path(group)), framework="pt") as f:
+            return {key[: -len(".mask")]: f.get_tensor(key) for key in f.keys() if key.endswith(".mask")}
+
     def save(self, group: str, state: GroupState) -> None:
         """Write ``group``'s checkpoint atomically (temporary name, then rename)."""
         path = self._path(group)

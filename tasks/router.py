@@ -18,7 +18,9 @@ import torch
 from prefect import task
 
 from params import RunParams, load_params
-from tasks.io import atomic_dir, data_spec, load_model, read_json, resolve_device, stage_dir, write_json, write_meta
+from tasks.io import (
+    atomic_dir, data_spec, load_model, read_json, require_in_memory, resolve_device, stage_dir, write_json, write_meta,
+)
 from vlmprune.adapters.blip2 import ImageToTextAdapter
 from vlmprune.par.decoder import decoder_of
 from vlmprune.par.evaluate import evaluate_grid, vqa_set
@@ -39,6 +41,7 @@ def _skip(params: RunParams, stage: str) -> str | None:
 
 
 def _load(params: RunParams):
+    require_in_memory(params, "par (token and layer pruning)")
     adapter, loaded = load_model(params)
     if not isinstance(adapter, ImageToTextAdapter):
         raise ValueError(f"par needs an image-to-text model (llava, vision_lm); model.family is {adapter.family!r}")

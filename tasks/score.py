@@ -6,7 +6,7 @@ from prefect import task
 
 from params import RunParams
 from tasks.common import calibration_batches, calibration_sample, layout, tower_groups
-from tasks.io import atomic_dir, load_model, stage_dir, write_json, write_meta
+from tasks.io import atomic_dir, load_model, require_in_memory, stage_dir, write_json, write_meta
 from vlmprune.outliers import group_outlier_ratios
 from vlmprune.profiling import measure
 from vlmprune.scorers import SCORERS
@@ -14,14 +14,18 @@ from vlmprune.scorers import SCORERS
 
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
     """First-order: activation checkpointing. Zeroth-order: the blocks of every tower, so perturbed
-    forwards start at their block."""
+    forwards start at their block; on an offloaded model, the perturbed group is held in place."""
     s = params.scoring
     if s.method == "first_order":
         return {"checkpointing": s.checkpointing}
-    if s.method != "zeroth_order" or not s.cache_inputs:
+    if s.method != "zeroth_order":
         return {}
+    held = {"hold": loaded.offload.read_only} if loaded.offload else {}
+    if not s.cache_inputs:
+        return held
     towers = adapter.towers(loaded.model)
     return {
+        **held,
         "blocks": {name: module for tower in towers for name, module in tower.groups},
         "towers": {tower.name: [name for name, _ in tower.groups] for tower in towers},
         "difference": s.difference,
@@ -32,6 +36,8 @@ def _scorer_options(params: RunParams, adapter, loaded) -> dict:
 def score(params: RunParams) -> str:
     out = stage_dir(params, "score")
     s = params.scoring
+    if s.method == "first_order":  # its backward pass needs every block's weights at once
+        require_in_memory(params, "scoring.method: first_order (global scores by backprop)")
     with measure() as usage:
         adapter, loaded = load_model(params)
         groups = layout(params, adapter, loaded)
@@ -53,7 +59,8 @@ def score(params: RunParams) -> str:
             for tower in adapter.towers(loaded.model):
                 members = tower_groups(groups, tower.name)
                 if members:
-                    ratios = group_outlier_ratios(loaded.model, tower.run, batches, members, params.allocation.owl.M)
+                    ratios = group_outlier_ratios(loaded.model, tower.run, batches, members, params.allocation.owl.M,
+                                                  hold=loaded.offload.read_only if loaded.offload else None)
                     for name, ratio in ratios.items():
                         rows[name]["outlier_ratio"] = ratio
     with atomic_dir(out) as tmp:

@@ -26,7 +26,7 @@ from prefect.context import FlowRunContext
 
 from params import RunParams
 from tasks.common import calibration_batches
-from tasks.io import data_spec, load_model, resolve_device
+from tasks.io import data_spec, load_model, require_in_memory, resolve_device
 from tasks.prune import make_pruner
 from vlmprune.allocators import GroupInfo
 from vlmprune.search import (
@@ -46,6 +46,7 @@ class SearchEvaluator:
     def __init__(self, params: RunParams, layers: dict[str, list[str]]):
         s, p = params.allocation.search, params.pruning
         device = resolve_device(params.model.device)
+        require_in_memory(params, "allocation.method: search")
         adapter, loaded = load_model(params)
         batches = calibration_batches(params, params.calibration.batch_size, limit=s.calibration_samples)
         samples = adapter.make_calibration(loaded, data_spec(params), s.n_samples, s.sample_seed)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from params import RunParams
 from tasks.common import calibration_batches, layout
-from tasks.io import atomic_dir, data_spec, load_model, stage_dir, write_json, write_meta
+from tasks.io import atomic_dir, data_spec, load_model, require_in_memory, stage_dir, write_json, write_meta
 from vlmprune.adapters.base import prunable_layers
 from vlmprune.profiling import measure
 from vlmprune.structured import StructuredSettings, count_parameters, structured_prune
@@ -77,6 +77,7 @@ def prune_structured(params: RunParams) -> str:
     """Prune structurally and write the prune artifact; a plain function, called from the ``prune`` task."""
     out = stage_dir(params, "prune")
     settings = settings_of(params)
+    require_in_memory(params, f"pruning.method: {params.pruning.method} (structured pruning)")
     with measure() as usage:
         adapter, loaded = load_model(params)
         model = loaded.model

@@ -7,6 +7,7 @@ calibration batches (the groups are not pruned while their statistics are gather
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -20,14 +21,19 @@ from vlmprune.sequential import capture_group_inputs, collect_stats, run_group
 
 @torch.no_grad()
 def group_outlier_ratios(model: nn.Module, run: Callable[[nn.Module, dict], Any], batches: list[dict],
-                         groups: list[tuple[str, nn.Module, dict[str, nn.Module]]], M: float) -> dict[str, float]:
-    """OWL's outlier ratio D (a percentage) of each group of one tower, by group name."""
+                         groups: list[tuple[str, nn.Module, dict[str, nn.Module]]], M: float,
+                         hold: Callable[[str], AbstractContextManager] | None = None) -> dict[str, float]:
+    """OWL's outlier ratio D (a percentage) of each group of one tower, by group name.
+
+    ``hold(group name)`` keeps an offloaded group's weights in place while it is measured.
+    """
     hidden, calls = capture_group_inputs(model, run, batches, [g for _, g, _ in groups])
     ratios = {}
     for index, (name, group, layers) in enumerate(groups):
         group_calls = [c[index] for c in calls]
-        stats = collect_stats(group, layers, hidden, group_calls, need_hessian=False)
-        scores = [wanda_scores(weight_matrix(layer), stats[n].col_norm) for n, layer in layers.items()]
-        ratios[name] = outlier_ratio(scores, M)
-        hidden = [run_group(group, h, call) for h, call in zip(hidden, group_calls)]
+        with hold(name) if hold else nullcontext():
+            stats = collect_stats(group, layers, hidden, group_calls, need_hessian=False)
+            scores = [wanda_scores(weight_matrix(layer), stats[n].col_norm) for n, layer in layers.items()]
+            ratios[name] = outlier_ratio(scores, M)
+            hidden = [run_group(group, h, call) for h, call in zip(hidden, group_calls)]
     return ratios

@@ -20,10 +20,12 @@ import torch
 class Usage:
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
+    start_rss_mb: float = 0.0  # resident memory when the work began (libraries, data already loaded)
     peak_cuda_mb: float | None = None
 
     def as_dict(self) -> dict:
-        out = {"wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+        out = {"wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
+               "start_rss_mb": round(self.start_rss_mb, 1)}
         if self.peak_cuda_mb is not None:
             out["peak_cuda_mb"] = round(self.peak_cuda_mb, 1)
         return out
@@ -35,6 +37,7 @@ def measure(interval_s: float = 0.02):
     usage = Usage()
     process = psutil.Process()
     peak = [process.memory_info().rss]
+    usage.start_rss_mb = peak[0] / 2**20
     done = threading.Event()
 
     def sample() -> None:

@@ -16,6 +16,10 @@ Faults: the group-0 inputs, every layer's input statistics, every pruned weight 
 output are checked for NaN/inf; the first non-finite value raises :class:`NonFiniteError` naming the
 group and the first module (in call order) whose output is not finite, before anything is written.
 
+Offloading: ``hold(group name)``, when given, is a context manager that keeps the group's weights
+on the device while it is calibrated, pruned and run (vlmprune/offload.py); the calibration
+forward brings each group in for its own call.
+
 Resume: ``restore(group name)`` may return a finished group's pruned weights and masks (what
 ``on_group_done`` was given when it finished); the group is then not pruned again, only run to
 get the next group's inputs. Same weights and the same ops on the same inputs: the result is bit
@@ -24,6 +28,7 @@ for bit that of an uninterrupted run.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -218,13 +223,23 @@ def prune_tower_sequential(model: nn.Module, run: Callable[[nn.Module, dict], An
                            layer_sparsity: dict[str, float], pruner: Pruner, nm: tuple[int, int] | None,
                            progress: bool = True, desc: str = "prune",
                            restore: Callable[[str], GroupState | None] | None = None,
-                           on_group_done: Callable[[str, GroupState], None] | None = None) -> dict[str, torch.Tensor]:
+                           on_group_done: Callable[[str, GroupState], None] | None = None,
+                           hold: Callable[[str], AbstractContextManager] | None = None,
+                           keep_masks: bool = True) -> dict[str, torch.Tensor]:
     """Prune one tower group by group; ``groups`` holds (name, module, {layer name: layer}).
 
-    Returns the masks by layer name. A pruner that needs no inputs (magnitude) skips calibration.
-    ``restore`` and ``on_group_done`` give resume (see the module docstring); both optional.
+    Returns the masks by layer name (none with ``keep_masks=False``: a finished group's masks are
+    then only given to ``on_group_done``, so they never pile up in memory). A pruner that needs no
+    inputs (magnitude) skips calibration. ``restore`` and ``on_group_done`` give resume, ``hold``
+    offloading (see the module docstring); all optional.
     """
     masks: dict[str, torch.Tensor] = {}
+    hold = hold or (lambda name: nullcontext())
+
+    def finished(layers: dict[str, nn.Module]) -> None:
+        if not keep_masks:
+            for name in layers:
+                masks.pop(name, None)
 
     def restored(name: str, layers: dict[str, nn.Module]) -> bool:
         state = restore(name) if restore else None
@@ -234,12 +249,13 @@ def prune_tower_sequential(model: nn.Module, run: Callable[[nn.Module, dict], An
 
     if not pruner.needs_inputs:
         for group_name, _, layers in tqdm(groups, desc=desc, disable=not progress, leave=False):
-            if restored(group_name, layers):
-                continue
-            for name, layer in layers.items():
-                masks[name] = prune_layer(layer, pruner, None, layer_sparsity[name], nm, name)
-            if on_group_done:
-                on_group_done(group_name, group_state(layers, masks))
+            with hold(group_name):
+                if not restored(group_name, layers):
+                    for name, layer in layers.items():
+                        masks[name] = prune_layer(layer, pruner, None, layer_sparsity[name], nm, name)
+                    if on_group_done:
+                        on_group_done(group_name, group_state(layers, masks))
+            finished(layers)
         return masks
 
     hidden, calls = capture_group_inputs(model, run, batches, [g for _, g, _ in groups])
@@ -248,18 +264,20 @@ def prune_tower_sequential(model: nn.Module, run: Callable[[nn.Module, dict], An
                              f"layers before it (embeddings, stem) produce it; {NONFINITE_HINT}")
     for index, (group_name, group, layers) in enumerate(tqdm(groups, desc=desc, disable=not progress, leave=False)):
         group_calls = [c[index] for c in calls]
-        was_restored = restored(group_name, layers)
-        if not was_restored:
-            stats = collect_stats(group, layers, hidden, group_calls, pruner.needs_hessian)
-            if not all(_stats_finite(s) for s in stats.values()):
-                _raise_nonfinite(group_name, group, hidden, group_calls, "dense weights, before pruning")
-            for name, layer in layers.items():
-                masks[name] = prune_layer(layer, pruner, stats.pop(name), layer_sparsity[name], nm, name)
-        # the next group's inputs; the last group's output is computed only to check it
-        outputs = [run_group(group, h, call) for h, call in zip(hidden, group_calls)]
-        if not all(_finite(o) for o in outputs):
-            _raise_nonfinite(group_name, group, hidden, group_calls, "after pruning")
-        if on_group_done and not was_restored:
-            on_group_done(group_name, group_state(layers, masks))
-        hidden = outputs
+        with hold(group_name):
+            was_restored = restored(group_name, layers)
+            if not was_restored:
+                stats = collect_stats(group, layers, hidden, group_calls, pruner.needs_hessian)
+                if not all(_stats_finite(s) for s in stats.values()):
+                    _raise_nonfinite(group_name, group, hidden, group_calls, "dense weights, before pruning")
+                for name, layer in layers.items():
+                    masks[name] = prune_layer(layer, pruner, stats.pop(name), layer_sparsity[name], nm, name)
+            # the next group's inputs; the last group's output is computed only to check it
+            outputs = [run_group(group, h, call) for h, call in zip(hidden, group_calls)]
+            if not all(_finite(o) for o in outputs):
+                _raise_nonfinite(group_name, group, hidden, group_calls, "after pruning")
+            if on_group_done and not was_restored:
+                on_group_done(group_name, group_state(layers, masks))
+            hidden = outputs
+        finished(layers)
     return masks

@@ -8,7 +8,9 @@ measures zeros in the weights themselves, and :func:`mask_digest` fingerprints a
 from __future__ import annotations
 
 import hashlib
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,16 +60,20 @@ def _zeros(weight: torch.Tensor) -> int:
     return int((weight == 0).sum())
 
 
-def sparsity_report(groups: list[Group]) -> dict:
-    """Measured fraction of zero weights: per layer, per group, per tower and overall."""
+def sparsity_report(groups: list[Group], hold: Callable[[str], AbstractContextManager] | None = None) -> dict:
+    """Measured fraction of zero weights: per layer, per group, per tower and overall.
+
+    ``hold(group name)`` brings an offloaded group's weights in while they are counted.
+    """
     layers, per_group, towers = {}, {}, {}
     total_zero = total = 0
     for g in groups:
         g_zero = g_total = 0
-        for name, layer in g.layers.items():
-            zero, n = _zeros(layer.weight), layer.weight.numel()
-            layers[name] = zero / n
-            g_zero, g_total = g_zero + zero, g_total + n
+        with hold(g.name) if hold else nullcontext():
+            for name, layer in g.layers.items():
+                zero, n = _zeros(layer.weight), layer.weight.numel()
+                layers[name] = zero / n
+                g_zero, g_total = g_zero + zero, g_total + n
         per_group[g.name] = g_zero / g_total
         t_zero, t_total = towers.get(g.tower, (0, 0))
         towers[g.tower] = (t_zero + g_zero, t_total + g_total)

@@ -41,6 +41,7 @@ class LoadedModel:
     model: nn.Module
     processor: Any = None  # a tokenizer or processor, saved beside the model
     extra: dict = field(default_factory=dict)
+    offload: Any = None  # a vlmprune.offload.GroupOffloader when the blocks are offloaded
 
 
 def is_prunable(module: nn.Module) -> bool:
@@ -88,6 +89,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The model's own scalar training loss on one calibration batch (for global scoring)."""
+
+    def load_skeleton(self, model_id: str, dtype: torch.dtype) -> tuple[LoadedModel, Path]:
+        """The model with every weight on the meta device, and the directory of its safetensors
+        checkpoint (for ``runtime.offload: disk``); built for the families that override it."""
+        from vlmprune.offload import OffloadError
+
+        raise OffloadError(f"runtime.offload: disk is built for causal_lm models only, not the {self.family} family; "
+                           "use runtime.offload: cpu or none")
 
     def save(self, loaded: LoadedModel, directory: Path) -> None:
         """Save model and processor so that :meth:`load` reads them back (``save_pretrained`` of both)."""

@@ -79,6 +79,13 @@ def resolve_model_id(model_id: str) -> tuple[str, str | None]:
     return model_id, None
 
 
+def _snapshot(repo_id: str) -> str:
+    """The local folder of a hub model's safetensors and JSON files (downloaded unless cached)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"])
+
+
 def find_layer_list(model: nn.Module, n_layers: int | None, paths=LAYER_PATHS) -> tuple[str, nn.ModuleList]:
     """The ModuleList of transformer blocks: a known path, else the first ModuleList of ``n_layers``."""
     for path in paths:
@@ -171,6 +178,34 @@ class CausalLMAdapter(ModelAdapter):
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         converted = _conv1d_to_linear(model)
         return LoadedModel(model, tokenizer, {"conv1d": converted, "source": model_id})
+
+    def load_skeleton(self, model_id: str, dtype: torch.dtype) -> tuple[LoadedModel, Path]:
+        """Every weight on the meta device (transformers builds the model, ties its embeddings and
+        fills the rotary tables; accelerate's disk offload points at the checkpoint, copying
+        nothing); its own hooks are removed, vlmprune.offload reads the weights."""
+        import tempfile
+
+        import transformers
+        from accelerate.hooks import remove_hook_from_submodules
+        from transformers import AutoTokenizer
+
+        from vlmprune.offload import OffloadError
+
+        path, gguf = resolve_model_id(model_id)
+        if gguf:
+            raise OffloadError(f"runtime.offload: disk reads safetensors checkpoints, and {model_id!r} is a GGUF file; "
+                               f"convert it once with `vlmprune convert {model_id} DIRECTORY` and set model.id to "
+                               "that directory")
+        directory = Path(path) if Path(path).is_dir() else Path(_snapshot(path))
+        with tempfile.TemporaryDirectory() as folder:
+            model = getattr(transformers, self.auto_class).from_pretrained(
+                str(directory), dtype=dtype, device_map={"": "disk"}, offload_folder=folder)
+        remove_hook_from_submodules(model)
+        model.__dict__.pop("hf_device_map", None)
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise OffloadError("runtime.offload: disk is not built for models with Conv1D layers (GPT-2 style); use "
+                               "runtime.offload: cpu or none")
+        return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(str(directory)), {"source": model_id}), directory
 
     def towers(self, model: nn.Module) -> list[Tower]:
         path, layers = find_layer_list(model, getattr(model.config, "num_hidden_layers", None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,7 @@ def zeroth_order(
     blocks: dict[str, nn.Module] | None = None,
     towers: dict[str, list[str]] | None = None,
     difference: str = "central",
+    hold: Callable[[str], contextlib.AbstractContextManager] | None = None,
 ) -> ScoreResult:
     """Score groups by finite-difference directional derivatives of the loss, without backprop.
 
@@ -137,6 +139,10 @@ def zeroth_order(
             Its bias is eps z^T H z / 2 (H the Hessian of the batch loss in
             the unit's weights) against O(eps^2) for the central difference;
             needs ``blocks``.
+        hold: group name -> a context manager that keeps that group's weights
+            in place while it is perturbed (offloaded models,
+            :mod:`vlmprune.offload`: the other groups come in for their own
+            calls); the weights are restored before it ends.
 
     Runs under ``torch.no_grad()``; the extra memory is a copy of one unit's
     weights plus one direction of that size (plus the block records above). ``seed`` makes the scores
@@ -157,6 +163,7 @@ def zeroth_order(
 
     layers = collect_layers(model, groups)
     units = _units(layers, granularity)
+    hold = hold or (lambda group: contextlib.nullcontext())
     per_layer = {layer.name: 0.0 for layer in layers}
     per_unit = {name: 0.0 for name, _ in units}
     counts = {"forwards": 0}
@@ -190,12 +197,13 @@ def zeroth_order(
     with torch.no_grad(), modes, isolated_rng([x.weight for x in layers], seed) as reseed, bar:
         if blocks is None:
             for unit, members in units:
-                originals = [m.weight.detach().clone() for m in members]
-                try:
-                    for b, batch in enumerate(batches):
-                        score_unit(unit, members, originals, b, batch, reseed, None)
-                finally:
-                    _restore(members, originals)
+                with hold(members[0].group):
+                    originals = [m.weight.detach().clone() for m in members]
+                    try:
+                        for b, batch in enumerate(batches):
+                            score_unit(unit, members, originals, b, batch, reseed, None)
+                    finally:
+                        _restore(members, originals)
         else:
             chains = towers or {"all": list(blocks)}
             for b, batch in enumerate(batches):
@@ -207,7 +215,7 @@ def zeroth_order(
                     cache.verify(lambda: loss_fn(model, batch))
                     counts["forwards"] += len(chains)
                 for unit, members in units:
-                    with cache.start_at(members[0].group):
+                    with hold(members[0].group), cache.start_at(members[0].group):
                         originals = [m.weight.detach().clone() for m in members]
                         try:
                             score_unit(unit, members, originals, b, batch, reseed,
