@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{terms['activations_mb']} MB at hidden size 576 (scaled with hidden size x tokens below); the same "
         f"calibration sizes. In memory holds every weight; disk offload holds the embeddings, the head and "
         "one block. The cpu mode needs the same host memory as in memory (its point is the GPU: one block "
-        "on the device). Weights in bfloat16, activations in float32 as measured.",
+        "on the device). Weights in bfloat16, activations in float32 as measured. This is Wanda; SparseGPT "
+        "also holds one layer's Hessian (inputs^2 x 4 bytes: 3.1 GiB for the 28,672-wide down projection of "
+        "Llama-2-70B).",
         markdown_table(table, list(table[0])),
     ])
     Path(args.out).write_text(text + "\n")
