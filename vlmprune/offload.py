@@ -16,10 +16,11 @@ lasts (pruning: the weights are read, changed and written back once).
 
 Memory given back: glibc's malloc raises its mmap threshold each time a large block is freed, so
 after the first group leaves, later ones are served from the heap, whose free pages it keeps, and
-resident memory grows back towards the whole model (measured pruning SmolLM2 from disk: 1370 MB
-peak). In disk mode the offloader therefore calls ``malloc_trim(0)`` on glibc systems each time a
-group leaves (821 MB peak; fixing the threshold with ``mallopt`` gave 702 MB, but every large
-allocation then maps fresh pages: 3.5 s per group against 2.5 s, both on a loaded machine).
+resident memory grows back towards the whole model (pruning SmolLM2 from disk peaked at 1370 MB,
+above the 1172 MB of pruning it in memory). In disk mode the offloader therefore calls
+``malloc_trim(0)`` on glibc systems each time a group leaves (816 MB peak, benchmarks/offload.py;
+fixing the threshold with ``mallopt`` gave 702 MB, but every large allocation then maps fresh
+pages: 3.5 s per group against 2.5 s, both measured on a loaded machine).
 
 Tensors are swapped in place (``torch.utils.swap_tensors``), so a parameter shared by two modules
 (tied embeddings) stays shared, and every reference to a parameter object stays valid.
@@ -28,6 +29,7 @@ Tensors are swapped in place (``torch.utils.swap_tensors``), so a parameter shar
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -90,17 +92,15 @@ class Checkpoint:
         return tensors
 
 
-def _trim_function():
-    """glibc's ``malloc_trim(0)``, which hands the heap's free pages back to the OS; None elsewhere."""
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, which hands the heap's free pages back to the OS; None elsewhere."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
-
-
-_MALLOC_TRIM = _trim_function()
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -235,8 +235,8 @@ class GroupOffloader:
         for tensor in state.values():
             if not tensor.is_meta:
                 _swap(tensor, torch.empty_like(tensor, device="meta"))
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        if _malloc_trim() is not None:
+            _malloc_trim()(0)
 
     # -- use ------------------------------------------------------------------------------------
 
