@@ -112,6 +112,32 @@ def fit_table(rows: list[dict], weights_mb: float, args, memory_gb: list[float])
     return table, terms
 
 
+def describe(args, weights_mb: float, terms: dict) -> str:
+    return (f"Wanda 50%, uniform, {args.samples} calibration windows x {args.seq_len} tokens, batch {args.batch_size}, "
+            f"float32 ({weights_mb:.0f} MB of weights). Each mode runs the prune stage in its own process; peak RSS "
+            "is sampled every 20 ms by the stage; 'RSS at start' is the process when the stage began (Python, "
+            "torch, transformers, Prefect, the calibration sample). Activations and engine buffers measured: "
+            f"{terms['activations_mb']} MB.")
+
+
+def suite(profile: str, out: str, samples: int = 32, seq_len: int = 256, batch_size: int = 8, threads: int = 1,
+          work: str = "/tmp/vlmprune-offload"):
+    """Runner entry point (``kind: script``): the in-memory vs offloaded table, one row per mode."""
+    from benchmarks.common import shell_command
+    from benchmarks.report import SuiteResult
+
+    args = argparse.Namespace(samples=samples, seq_len=seq_len, batch_size=batch_size, threads=threads, work=work)
+    rows, info = run(args)
+    _, terms = fit_table(rows, info["weights_mb"], args, [])
+    command = shell_command("benchmarks.offload", {"samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+                                                   "threads": threads})
+    return SuiteResult(
+        name="offload", title="", rows=rows, metric="peak - start MB", higher_is_better=False,
+        columns=list(rows[0]), methodology=describe(args, info["weights_mb"], terms) + " One run per mode.",
+        settings=[f"samples={samples}", f"seq_len={seq_len}", f"batch_size={batch_size}", f"threads={threads}"],
+        notes=[f"Equivalent stand-alone command (also prints the what-fits table): `{command}`."], x="mode", group="mode")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=32)

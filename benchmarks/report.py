@@ -77,7 +77,7 @@ def header_of(column: str) -> str:
         return DISPLAY[column]
     if column.startswith("sparsity_"):
         return column.removeprefix("sparsity_")
-    for suffix, unit in (("_cuda_mb", " CUDA MB"), ("_mb", " MB"), ("_s", " s")):
+    for suffix, unit in (("_cuda_mb", " CUDA MB"), ("_mb", " MB"), ("_ms", " ms"), ("_s", " s")):
         if column.endswith(suffix):
             return column.removesuffix(suffix) + unit
     return column.replace("_", " ")
@@ -90,12 +90,14 @@ def fmt(column: str, value) -> str:
         return str(value)
     if column.endswith("_mb"):
         return f"{value:.0f}"
-    if column.endswith("_s"):
+    if column.endswith(("_s", "_ms", " s")):
         return f"{value:.1f}"
     if column.startswith("x "):
         return f"{value:.2f}x"
     if column == "target":
         return f"{value:.0%}"
+    if isinstance(value, int):
+        return str(value)
     return f"{value:.3f}"
 
 
@@ -164,7 +166,8 @@ def losses(result: SuiteResult) -> list[str]:
 
 
 def suite_markdown(result: SuiteResult, images: list[str] = ()) -> str:
-    ratios = ["x uniform", "x dense"] if result.compare_uniform else ["x dense"]
+    has_dense = (result.dense or {}).get(result.metric) is not None
+    ratios = ["x uniform", "x dense"] if result.compare_uniform else (["x dense"] if has_dense else [])
     rows = with_ratios(result)
     dense = [{**result.dense, "method": "dense"}] if result.dense else []
     better = "higher" if result.higher_is_better else "lower"

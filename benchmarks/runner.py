@@ -2,12 +2,15 @@
 
     python -m benchmarks.runner --profile quick                     # this machine, about 20 minutes
     python -m benchmarks.runner --profile quick --update-readme     # ... and rewrite README's marked tables
+    python -m benchmarks.runner --profile readme --update-readme    # every README table (about 45-60 minutes)
     python -m benchmarks.runner --profile full --dask --workers 2   # fan out over a local Dask cluster
     python -m benchmarks.runner --profile gpu --dask-address tcp://scheduler:8786
     python -m benchmarks.runner --profile quick --suites dual_encoder --limit 2 --no-mlflow   # a smoke run
 
-Profiles and suites: benchmarks/profiles.yaml (format in benchmarks/suites.py). For a grid suite the
-flow runs, as Prefect tasks: the shared stages (prepare, calibrate, baseline) once, ``score`` once
+Profiles and suites: benchmarks/profiles.yaml (format in benchmarks/suites.py); ``readme`` is ``quick``
+plus the stand-alone benchmarks (scoring cost, structured pruning, policy search, PAR tokens) as script
+suites, each building its model offline and writing its table into the README region named after the
+suite. For a grid suite the flow runs, as Prefect tasks: the shared stages (prepare, calibrate, baseline) once, ``score`` once
 per scoring method, then every configuration's allocate/prune/evaluate, each in its own artifacts
 directory under a work directory. Tasks receive paths, override lists and configurations, never
 models, so they can run in other processes: with ``--dask`` (or ``--dask-address``) the task runner
@@ -207,10 +210,18 @@ def benchmark(profile: str = "quick", suites: list[str] | None = None, profiles_
         results, failed = [], 0
         for name, suite in spec.suites.items():
             if isinstance(suite, ScriptSuite):
-                result = SuiteResult(**{**submitted[name].result(), "name": name, "title": suite.title})
+                try:
+                    result = SuiteResult(**{**submitted[name].result(), "name": name, "title": suite.title})
+                except Exception as error:  # noqa: BLE001  (listed in the report; the other suites go on)
+                    failed += 1
+                    print(f"{name}: {suite.function} failed: {error}")
+                    result = SuiteResult(name=name, title=suite.title, metric="", higher_is_better=True,
+                                         columns=["method"], methodology=f"`{suite.function}` failed.",
+                                         rows=[{"method": name, "error": f"{type(error).__name__}: {error}"}])
                 if mlflow:
                     for row in result.rows:
-                        log_nested(mlflow, {"suite": name, **row}, [suite.function])
+                        if "error" not in row:
+                            log_nested(mlflow, {"suite": name, **row}, [suite.function])
                 results.append(result)
                 continue
             shared, runs = submitted[name]
@@ -284,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     from flows import environment
 
     environment.configure()
+    # the temporary Prefect server's default 20 s to start is too short on a loaded 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="quick", help="a profile of --profiles (quick, full, gpu)")
+    parser.add_argument("--profile", default="quick", help="a profile of --profiles (quick, readme, full, gpu)")
     parser.add_argument("--profiles", default=str(PROFILES), help="the profiles file")
     parser.add_argument("--suites", nargs="+", help="only these suites of the profile")
     parser.add_argument("--out", help="output directory (default benchmarks/results/<profile>)")

@@ -28,7 +28,8 @@ from pathlib import Path
 MODES = ("forward", "first_order", "first_order_ckpt", "zeroth_full", "zeroth_cached", "zeroth_cached_fwd")
 
 
-def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: int) -> dict:
+def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: int, model: str = "smollm2",
+             data: str = "wikipedia") -> dict:
     import torch
 
     from vlmprune.adapters import ADAPTERS
@@ -39,9 +40,9 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
 
     torch.set_num_threads(threads)
     adapter = ADAPTERS.get("causal_lm")()
-    loaded = adapter.load("smollm2", torch.float32, "cpu")
-    data = adapter.make_calibration(loaded, DataSpec(name="wikipedia", seq_len=seq_len), samples, 0)
-    batches = [{k: v[s:s + batch_size] for k, v in data.items()} for s in range(0, samples, batch_size)]
+    loaded = adapter.load(model, torch.float32, "cpu")
+    windows = adapter.make_calibration(loaded, DataSpec(name=data, seq_len=seq_len), samples, 0)
+    batches = [{k: v[s:s + batch_size] for k, v in windows.items()} for s in range(0, samples, batch_size)]
     towers = adapter.towers(loaded.model)
     groups = {g.name: g.layers for g in model_layout(loaded.model, towers)}
     blocks = {"blocks": {n: m for t in towers for n, m in t.groups},
@@ -76,6 +77,77 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
     return float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic)
 
 
+def measure_modes(modes, samples: int, seq_len: int, batch_size: int, threads: int, model: str = "smollm2",
+                  data: str = "wikipedia", isolate: bool = True) -> dict[str, dict]:
+    """:func:`run_mode` for every mode, each in a fresh process when ``isolate`` (peak memory is per
+    process; in-process runs are for tests only, their peaks include what earlier modes left)."""
+    results = {}
+    for mode in modes:
+        if isolate:
+            cmd = [sys.executable, "-m", "benchmarks.scoring_cost", "--one", mode, "--samples", str(samples),
+                   "--seq-len", str(seq_len), "--batch-size", str(batch_size), "--threads", str(threads),
+                   "--model", model, "--data", data]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[mode] = json.loads(out.split("RESULT ", 1)[1])
+        else:
+            results[mode] = run_mode(mode, samples, seq_len, batch_size, threads, model, data)
+        print(mode, f"{results[mode]['wall_s']:.1f} s", f"{results[mode]['peak_rss_mb']:.0f} MB", flush=True)
+    return results
+
+
+COLUMNS = ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr"]
+
+
+def rows_of(results: dict[str, dict]) -> list[dict]:
+    """One row per mode: cost, cost relative to the plain forward pass (when measured), and the Spearman
+    rank correlation of its group scores with those of ``zeroth_full`` (the reference estimator)."""
+    forward = results.get("forward")
+    reference = results.get("zeroth_full", {}).get("scores")
+    rows = []
+    for mode, r in results.items():
+        row = {"mode": mode, "passes": r["passes"], "wall_s": r["wall_s"], "peak_mb": r["peak_rss_mb"]}
+        if forward:
+            row["x forward time"] = r["wall_s"] / forward["wall_s"]
+            row["x forward memory"] = r["peak_rss_mb"] / forward["peak_rss_mb"]
+        if reference and r["scores"]:
+            row["rank_corr"] = spearman(r["scores"], reference)
+        rows.append(row)
+    return rows
+
+
+def describe(samples: int, seq_len: int, batch_size: int, threads: int, model: str, n_groups: int | None) -> str:
+    groups = f" ({n_groups} groups)" if n_groups else ""
+    return (f"Scoring cost, {model}{groups}, {samples} Wikipedia windows x {seq_len} tokens in batches of "
+            f"{batch_size}, {threads} torch thread(s); each mode in its own process, model loading excluded; peak "
+            "RSS sampled during the scoring only (the resident model included). `x forward`: relative to one plain "
+            "loss-only forward pass over the same batches; `rank corr`: Spearman correlation of the group scores "
+            "with those of `zeroth_full` (1.0 = the same ranking).")
+
+
+def suite(profile: str, out: str, samples: int = 8, seq_len: int = 128, batch_size: int = 4, threads: int = 2,
+          modes: list[str] = MODES, model: str = "smollm2", isolate: bool = True):
+    """Runner entry point (``kind: script``): the scoring-cost table at the given sizes."""
+    from benchmarks.common import shell_command
+    from benchmarks.report import SuiteResult
+
+    results = measure_modes(modes, samples, seq_len, batch_size, threads, model, isolate=isolate)
+    rows = rows_of(results)
+    n_groups = max((len(r["scores"]) for r in results.values()), default=0)
+    command = shell_command("benchmarks.scoring_cost", {"samples": samples, "seq_len": seq_len,
+                                                        "batch_size": batch_size, "threads": threads,
+                                                        "modes": list(modes)})
+    notes = [f"Equivalent stand-alone command: `{command}`."]
+    if (samples, seq_len) != (8, 256):
+        notes.append("Smaller than the hand-run table (8 x 256 tokens, `benchmarks/results/scoring_cost_8x256.md`) "
+                     "to fit the `readme` profile; a rank correlation over so few windows is noisy.")
+    return SuiteResult(
+        name="scoring_cost", title="", rows=rows, metric="wall_s", higher_is_better=False,
+        columns=[c for c in COLUMNS if any(c in r for r in rows)],
+        methodology=describe(samples, seq_len, batch_size, threads, model, n_groups) + " One run per mode, no warm-up.",
+        settings=[f"samples={samples}", f"seq_len={seq_len}", f"batch_size={batch_size}", f"threads={threads}"],
+        notes=[describe(samples, seq_len, batch_size, threads, model, n_groups), "", *notes], x="", group="mode")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16)
@@ -83,45 +155,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--model", default="smollm2", help="a causal LM id or directory")
+    parser.add_argument("--data", default="wikipedia")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_mode(args.one, args.samples, args.seq_len, args.batch_size, args.threads)))
+        print("RESULT " + json.dumps(run_mode(args.one, args.samples, args.seq_len, args.batch_size, args.threads,
+                                              args.model, args.data)))
         return
 
     import torch
 
-    from benchmarks.common import machine, markdown_table
+    from benchmarks.common import machine
+    from benchmarks.report import table
 
     torch.set_num_threads(args.threads)  # as in the measured processes, so the header says so
-    results = {}
-    for mode in args.modes:
-        cmd = [sys.executable, "-m", "benchmarks.scoring_cost", "--one", mode, "--samples", str(args.samples),
-               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.split("RESULT ", 1)[1])
-        print(mode, f"{results[mode]['wall_s']:.1f} s", f"{results[mode]['peak_rss_mb']:.0f} MB", flush=True)
-
-    forward = results.get("forward")
-    reference = results.get("zeroth_full", {}).get("scores")
-    rows = []
-    for mode, r in results.items():
-        row = {"mode": mode, "passes": r["passes"], "wall s": r["wall_s"], "peak RSS MB": r["peak_rss_mb"]}
-        if forward:
-            row["x forward time"] = r["wall_s"] / forward["wall_s"]
-            row["x forward memory"] = r["peak_rss_mb"] / forward["peak_rss_mb"]
-        if reference and r["scores"]:
-            row["rank corr. vs zeroth_full"] = spearman(r["scores"], reference)
-        rows.append(row)
-    columns = ["mode", "passes", "wall s", "peak RSS MB", "x forward time", "x forward memory",
-               "rank corr. vs zeroth_full"]
+    results = measure_modes(args.modes, args.samples, args.seq_len, args.batch_size, args.threads, args.model,
+                            args.data)
+    rows = rows_of(results)
     command = (f"python -m benchmarks.scoring_cost --samples {args.samples} --seq-len {args.seq_len} "
                f"--batch-size {args.batch_size} --threads {args.threads}")
-    text = (f"Scoring cost, SmolLM2-135M (30 decoder layers = 30 groups), {args.samples} Wikipedia windows x "
-            f"{args.seq_len} tokens in batches of {args.batch_size}; each mode in its own process, model loading "
-            f"excluded; peak RSS sampled during the scoring only (the resident model included).\nMachine: {machine()}.\nCommand: {command}\n\n"
-            f"{markdown_table(rows, columns)}\n")
+    n_groups = max((len(r["scores"]) for r in results.values()), default=0)
+    text = (f"{describe(args.samples, args.seq_len, args.batch_size, args.threads, args.model, n_groups)}\n"
+            f"Machine: {machine()}.\nCommand: {command}\n\n{table(rows, [c for c in COLUMNS if any(c in r for r in rows)])}\n")
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"scoring_cost_{args.samples}x{args.seq_len}.md").write_text(text)

@@ -24,6 +24,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,29 @@ from vlmprune.search.objective import ACCURACY_HOOKS
 from vlmprune.sparsity import model_layout
 
 
+@dataclass
+class Options:
+    """What one search benchmark runs (the command-line options of :func:`main`)."""
+
+    sparsity: float = 0.6
+    sizes: list[int] = field(default_factory=lambda: [16, 64, 256])
+    rounds: int = 2
+    population: int = 6
+    granularity: str = "4"
+    calibration_samples: int = 32
+    seed: int = 0
+    objective: str = "accuracy"
+    params: str = "params.yaml"
+    overrides: list[str] = field(default_factory=list)
+    reuse: str | None = "artifacts"
+    out: str = "benchmarks/results"
+
+    def command(self) -> str:
+        return (f"python -m benchmarks.search --sparsity {self.sparsity} --sizes {' '.join(map(str, self.sizes))} "
+                f"--rounds {self.rounds} --population {self.population} --granularity {self.granularity} "
+                f"--calibration-samples {self.calibration_samples} --objective {self.objective}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.6)
@@ -57,6 +81,12 @@ def main() -> None:
                                                               "directory when present (same params.yaml)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    run(Options(**vars(args)))
+
+
+def run(args: Options) -> list[dict]:
+    """Baselines and searches as described in the module docstring; writes the Markdown table (and the
+    candidates) under ``args.out`` and returns the rows (the first is the dense model)."""
     started = time.perf_counter()
     granularity = int(args.granularity) if args.granularity.isdigit() else args.granularity
     evaluations = args.rounds * args.population
@@ -64,11 +94,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="search-bench-"))
     common = [f"artifacts={tmp}", f"pruning.sparsity={args.sparsity}", "scoring.method=zeroth_order",
               "tracking.enabled=false", f"allocation.search.n_samples={max(args.sizes)}"]
-    params = load_params(args.params, [*common, "allocation.method=search"])
+    params = load_params(args.params, [*args.overrides, *common, "allocation.method=search"])
     if not (Path(params.model.id) / "config.json").exists():
         TASKS["prepare"].fn(params)
-    reuse = Path(args.reuse)
-    if (reuse / "calibrate").exists() and (reuse / "score" / "scores.json").exists():
+    reuse = Path(args.reuse) if args.reuse else None
+    if reuse is not None and (reuse / "calibrate").exists() and (reuse / "score" / "scores.json").exists():
         # the repository's own calibrate and (zeroth-order) score outputs for the same params.yaml
         shutil.copytree(reuse / "calibrate", tmp / "calibrate")
         shutil.copytree(reuse / "score", tmp / "zeroth")
@@ -76,7 +106,8 @@ def main() -> None:
         TASKS["calibrate"].fn(params)
         TASKS["score"].fn(params)
         shutil.move(tmp / "score", tmp / "zeroth")
-    TASKS["score"].fn(load_params(args.params, [*common, "scoring.method=none", "allocation.method=owl"]))
+    TASKS["score"].fn(load_params(args.params, [*args.overrides, *common, "scoring.method=none",
+                                                "allocation.method=owl"]))
     ratios = {g["name"]: g["outlier_ratio"] for g in read_json(tmp / "score" / "scores.json")["groups"]}
     scores = read_json(tmp / "zeroth" / "scores.json")
     groups = [GroupInfo(g["name"], g["tower"], g["n_params"], g["score"], ratios[g["name"]]) for g in scores["groups"]]
@@ -181,28 +212,85 @@ def main() -> None:
     write(text_path, args, rows, space, evaluations, started)
     (Path(args.out) / "search_candidates.json").write_text(json.dumps(log, indent=1) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
+    return rows
 
 
 def write(path: Path, args, rows, space, evaluations, started) -> None:
     columns = ["method", "n", "vision", "text", "overall", "search acc", "held-out acc", "gap", "penalty",
                "chosen", "new", "cost s", "wall s"]
-    text = (f"Policy search on the default dual encoder at {args.sparsity:.0%} overall sparsity, Wanda, both towers.\n"
-            f"`search acc`: the search objective ({args.objective}) on the search samples (training split, training "
-            f"prompt templates);\n"
-            f"`held-out acc`: the evaluate stage's zero-shot accuracy (539 held-out digits, evaluation-only templates);\n"
-            f"`gap` = search acc - held-out acc (the template change is part of it, equally for every row).\n"
-            f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
-            f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
-            f"SRM penalty delta 0.05. Every model pruned with the first {args.calibration_samples} calibration samples.\n"
+    text = (f"{describe(args, space, evaluations)}\n"
             f"Machine: {machine()} (shared with other jobs during the run: wall times are noisy upper bounds).\n"
-            f"Command: python -m benchmarks.search --sparsity {args.sparsity} --sizes {' '.join(map(str, args.sizes))} "
-            f"--rounds {args.rounds} --population {args.population} --granularity {args.granularity} "
-            f"--calibration-samples {args.calibration_samples} --objective {args.objective}\n"
+            f"Command: {args.command()}\n"
             f"Total wall time so far: {time.perf_counter() - started:.0f} s.\n\n"
             f"{markdown_table(rows, columns)}\n")
     print(text, flush=True)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
+
+
+def describe(args: Options, space, evaluations: int) -> str:
+    return (f"Policy search on the default dual encoder at {args.sparsity:.0%} overall sparsity, Wanda, both towers.\n"
+            f"`search acc`: the search objective ({args.objective}) on the search samples (training split, training "
+            f"prompt templates);\n"
+            f"`held-out acc`: the evaluate stage's zero-shot accuracy (held-out digits, evaluation-only templates);\n"
+            f"`gap` = search acc - held-out acc (the template change is part of it, equally for every row).\n"
+            f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
+            f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
+            f"SRM penalty delta 0.05. Every model pruned with the first {args.calibration_samples} calibration "
+            "samples.")
+
+
+COLUMNS = ["method", "n", "vision", "text", "overall", "search acc", "held-out acc", "gap", "penalty", "chosen", "new",
+           "cost s"]
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Each search's held-out accuracy and gap against ECoFLaP's (the allocation it starts from)."""
+    base = next((r for r in rows if r["method"].startswith("ecoflap")), None)
+    if base is None:
+        return []
+    lines = []
+    for r in rows:
+        if r["method"].startswith("search"):
+            d, g = r["held-out acc"] - base["held-out acc"], r["gap"] - base["gap"]
+            word = "beats" if d > 0 else ("ties" if d == 0 else "loses to")
+            lines.append(f"- {r['method']}, n = {r['n']}: held-out {r['held-out acc']:.3f}, {word} ECoFLaP "
+                         f"({base['held-out acc']:.3f}, {d:+.3f}); gap {r['gap']:.3f} vs {base['gap']:.3f} ({g:+.3f})")
+    return lines
+
+
+def suite(profile: str, out: str, model: str | None = None, params: str | None = None, artifacts: str = "artifacts",
+          sparsity: float = 0.6, sizes: list[int] = (16, 64, 256), rounds: int = 2, population: int = 6,
+          granularity: str = "4", calibration_samples: int = 32, seed: int = 0, objective: str = "probability"):
+    """Runner entry point (``kind: script``): baselines and searches from scratch (calibrate and score run
+    in a temporary directory; nothing is reused). ``model``: a dual encoder directory (default: the
+    offline default model, built by the prepare stage under ``artifacts`` when missing); ``params``: the
+    params file (default params/presets/default.yaml)."""
+    from benchmarks.common import REPO, default_dual_encoder
+    from benchmarks.report import SuiteResult
+
+    options = Options(sparsity=sparsity, sizes=list(sizes), rounds=rounds, population=population,
+                      granularity=str(granularity), calibration_samples=calibration_samples, seed=seed,
+                      objective=objective, params=params or str(REPO / "params/presets/default.yaml"),
+                      overrides=[f"model.id={model or default_dual_encoder(artifacts)}"], reuse=None,
+                      out=str(Path(out) / "search"))
+    rows = run(options)
+    dense, rows = rows[0], rows[1:]
+    notes = [(f"`search acc`: the search objective ({objective}) on the search samples (training split, training "
+             "prompt templates); `held-out acc`: the evaluate stage's zero-shot accuracy (held-out digits, "
+             "evaluation-only templates); `gap` = search acc - held-out acc; `penalty`: the SRM penalty; `new`: "
+             "candidates a search pruned itself (the others were cached from an earlier search); `cost s`: what the "
+             f"search would have taken alone. {rounds} rounds x {population} candidates, components of "
+             f"{granularity} blocks, every model pruned with {calibration_samples} calibration samples. "
+             f"Equivalent stand-alone command: `{options.command()}`."), "",
+             "Searches against ECoFLaP, their starting allocation:", "", *verdicts(rows)]
+    return SuiteResult(name="search", title="", rows=rows, metric="held-out acc", higher_is_better=True,
+                       columns=COLUMNS, dense={"method": "dense", "held-out acc": dense["held-out acc"]},
+                       methodology="Held-out accuracies from one pruning each; `cost s` sums each candidate's prune "
+                                   "and search-set scoring times (one run each, no warm-up).",
+                       notes=notes, x="", settings=[f"sparsity={sparsity}", f"sizes={','.join(map(str, sizes))}",
+                                                    f"rounds={rounds}", f"population={population}",
+                                                    f"objective={objective}"])
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ GRID = {  # tower -> list of (method, width_ratio, depth_ratio)
 
 
 class Bench:
-    def __init__(self, model_dir: str, repeats: int):
+    def __init__(self, model_dir: str, repeats: int, mope_samples: int = 64, distill_samples: int = 512):
         self.dense = DualEncoder.from_pretrained(model_dir)
         self.tokenizer = packaged_tokenizer()
         self.adapter = ADAPTERS.get("dual_encoder")()
@@ -51,10 +51,10 @@ class Bench:
         self.repeats = repeats
         self.data, _, self.test = image_split(self.spec)
         loaded = LoadedModel(self.dense, self.tokenizer)
-        calib = self.adapter.make_calibration(loaded, self.spec, 128, 0)
-        self.mope_batch = {k: v[:64] for k, v in calib.items() if k != "index"}
-        self.distill_data = {k: v for k, v in self.adapter.make_calibration(loaded, self.spec, 512, 1).items()
-                             if k != "index"}
+        calib = self.adapter.make_calibration(loaded, self.spec, max(128, mope_samples), 0)
+        self.mope_batch = {k: v[:mope_samples] for k, v in calib.items() if k != "index"}
+        self.distill_data = {k: v for k, v in self.adapter.make_calibration(loaded, self.spec, distill_samples,
+                                                                             1).items() if k != "index"}
         self.dense_images = self.images(self.dense)
         size = self.dense.config.image_size
         captions = [t.format(c) for c in self.data.class_names for t in self.data.eval_templates]
@@ -113,7 +113,8 @@ class Bench:
         towers = self.adapter.towers(model)
         groups = model_layout(model, towers, tower_names=[tower])
         run = next(t.run for t in towers if t.name == tower)
-        batches = [{k: v[s:s + 32] for k, v in self.mope_batch.items()} for s in range(0, 64, 32)]
+        n = len(next(iter(self.mope_batch.values())))
+        batches = [{k: v[s:s + 32] for k, v in self.mope_batch.items()} for s in range(0, n, 32)]
         members = [(g.name, g.module, g.layers) for g in groups]
         prune_tower_sequential(model, run, batches, members, {n: sparsity for g in groups for n in g.layers},
                                PRUNERS.get("wanda")(), None, progress=False)
@@ -127,6 +128,144 @@ def prunable_fraction_removed(dense, pruned, tower: str) -> float:
         return sum(m.weight.numel() for m in t.layers.modules()
                    if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1))
     return 1 - count(pruned) / count(dense)
+
+
+def parse_configs(configs: list[str]) -> list[tuple[str, float, float]]:
+    """``["mope:0.5:1", ...]`` -> ``[("mope", 0.5, 1.0), ...]``."""
+    return [(m, float(w), float(d)) for m, w, d in (c.split(":") for c in configs)]
+
+
+def run(bench: Bench, grids: dict[str, list[tuple[str, float, float]]], distill_steps: int,
+        unstructured: bool = True) -> list[dict]:
+    """Per tower: the dense row, then per (method, width, depth) a row before and one after distillation;
+    latencies of all of a tower's models timed round-robin; speed-ups and accuracy change against dense."""
+    rows = []
+    for tower, grid in grids.items():
+        models = {"dense": bench.dense}
+        dense_row = bench.row(bench.dense, tower, "dense")
+        rows.append(dense_row)
+        print(dense_row, flush=True)
+        for method, width, depth in grid:
+            model = copy.deepcopy(bench.dense)
+            start = time.perf_counter()
+            report = structured_prune(model, StructuredSettings(method, width_ratio=width, depth_ratio=depth,
+                                                                towers=[tower]), bench.mope_batch)
+            prune_s = time.perf_counter() - start
+            cost = report["scoring_cost"]
+            label = f"{method} w{width:g} d{depth:g}"
+            removed = prunable_fraction_removed(bench.dense, model, tower)
+            common = {"removed": removed, "prune_s": prune_s,
+                      "mope_calls": cost["forward_calls"], "mope_fwd_equiv": cost["full_forward_equivalents"]}
+            row = bench.row(model, tower, label, distilled="no", **common)
+            rows.append(row)
+            print(row, flush=True)
+            start = time.perf_counter()
+            history = distill(model, bench.dense, bench.distill_data, [tower],
+                              DistillSettings(steps=distill_steps, lr=1e-4, eval_every=10, patience=5),
+                              progress=False)
+            row = bench.row(model, tower, label, distilled=f"yes ({history['steps_run']} steps)",
+                            distill_s=time.perf_counter() - start, **common)
+            if unstructured:
+                row["wanda_same_budget"] = bench.unstructured(tower, removed)
+            rows.append(row)
+            print(row, flush=True)
+            models[label] = model
+        timed = bench.latencies(models, tower)
+        for row in rows:
+            if row["tower"] == tower:
+                row.update(timed[row["config"]])
+        del models
+    for row in rows:
+        dense = next(r for r in rows if r["tower"] == row["tower"] and r["config"] == "dense")
+        row["speedup_b1"] = dense["ms_b1"] / row["ms_b1"]
+        row["speedup_b32"] = dense["ms_b32"] / row["ms_b32"]
+        row["d_acc_pts"] = 100 * (row["accuracy"] - dense["accuracy"])
+    return rows
+
+
+COLUMNS = ["tower", "config", "distilled", "tower_params_M", "model_MB", "removed", "accuracy", "d_acc_pts",
+           "wanda_same_budget", "ms_b1", "ms_b32", "speedup_b1", "speedup_b32", "mope_calls", "mope_fwd_equiv",
+           "prune_s", "distill_s"]
+
+
+def describe(n_test: int, repeats: int, threads: int, mope_samples: int, distill_samples: int) -> str:
+    return (f"Zero-shot accuracy on {n_test} held-out digits (evaluation templates). Latency: median of "
+            f"{repeats} runs of the tower's encode (after 3 warm-up runs), {threads} thread(s), all models "
+            "timed round-robin (a distilled model has its undistilled twin's shape and shares its time); "
+            "on a shared machine latencies are noisy. `removed`: fraction of the tower's "
+            "Linear/1x1-conv weights removed; `wanda_same_budget`: unstructured Wanda accuracy at that fraction. "
+            f"MoPE scored on {mope_samples} training-split pairs; `mope_calls` batched forwards, `mope_fwd_equiv` "
+            f"their work in full-tower forwards. Distillation: {distill_samples} training-split pairs (20% "
+            "validation), early stopping.")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per tower and configuration: before and after distillation side by side (what the
+    README shows)."""
+    out = []
+    for row in rows:
+        if row["config"] == "dense":
+            out.append({"tower": row["tower"], "config": "dense", "tower_params_M": row["tower_params_M"],
+                        "accuracy": row["accuracy"], "ms_b1": row["ms_b1"], "ms_b32": row["ms_b32"]})
+        elif row.get("distilled") == "no":
+            after = next(r for r in rows if r["tower"] == row["tower"] and r["config"] == row["config"]
+                         and r.get("distilled") != "no")
+            out.append({"tower": row["tower"], "config": row["config"], "tower_params_M": row["tower_params_M"],
+                        "removed": row["removed"], "accuracy": row["accuracy"], "distilled": after["accuracy"],
+                        "d_acc_pts": after["d_acc_pts"], "wanda_same_budget": after.get("wanda_same_budget"),
+                        "ms_b1": row["ms_b1"], "ms_b32": row["ms_b32"], "x speed b1": row["speedup_b1"],
+                        "x speed b32": row["speedup_b32"], "prune_s": row["prune_s"],
+                        "distill_s": after["distill_s"], "mope_calls": row["mope_calls"]})
+    return out
+
+
+def verdicts(summary_rows: list[dict], points: float = 2.0, speedup: float = 1.3) -> list[str]:
+    """Against issue #6's target: at least ``speedup`` x lower latency (batch 1) within ``points`` accuracy
+    points of dense after recovery."""
+    lines = []
+    for r in summary_rows:
+        if r["config"] == "dense":
+            continue
+        ok = r["x speed b1"] >= speedup and r["d_acc_pts"] >= -points
+        lines.append(f"- {r['tower']}, {r['config']}: {r['x speed b1']:.2f}x at batch 1, {r['d_acc_pts']:+.1f} points "
+                     f"after distillation: {'meets' if ok else 'misses'} the target")
+    return lines
+
+
+def suite(profile: str, out: str, model: str | None = None, towers: list[str] = ("text",),
+          configs: dict[str, list[str]] | None = None, repeats: int = 20, threads: int = 1,
+          distill_steps: int = 100, mope_samples: int = 64, distill_samples: int = 512, unstructured: bool = True,
+          artifacts: str = "artifacts"):
+    """Runner entry point (``kind: script``). ``model``: a dual encoder directory (default: the offline
+    default model, built by the prepare stage under ``artifacts`` when missing); ``configs``: per tower,
+    ``method:width:depth`` strings (default: :data:`GRID`)."""
+    from benchmarks.common import default_dual_encoder
+    from benchmarks.report import SuiteResult
+
+    torch.manual_seed(0)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bench = Bench(model or default_dual_encoder(artifacts), repeats, mope_samples, distill_samples)
+        grids = {t: parse_configs(configs[t]) if configs and t in configs else GRID[t] for t in towers}
+        rows = summary(run(bench, grids, distill_steps, unstructured))
+    finally:
+        torch.set_num_threads(threads_before)
+    text = describe(len(bench.test), repeats, threads, mope_samples, distill_samples)
+    columns = ["tower", "config", "tower_params_M", "removed", "accuracy", "distilled", "d_acc_pts",
+               "wanda_same_budget", "x speed b1", "x speed b32", "prune_s", "distill_s"]
+    notes = [(f"`accuracy` before pruning's recovery, `distilled` after {distill_steps} distillation steps (at most; "
+              "early stopping), `d_acc_pts` the change against dense after distillation, in points; `x speed`: "
+              "the tower's latency speed-up over dense at batch 1 and 32. " + text), "",
+             ("Against the structured-pruning target (at least 1.3x lower latency at batch 1 within 2 points after "
+              "recovery):"), "", *verdicts(rows)]
+    if distill_steps < 100 or repeats < 20:
+        notes += ["", ("Smaller than the hand-run table (100 distillation steps, 20 latency repeats, "
+                       "`benchmarks/results/structured.md`) to fit the `readme` profile.")]
+    return SuiteResult(name="structured", title="", rows=rows, metric="accuracy", higher_is_better=True,
+                       columns=columns, methodology=text, notes=notes,
+                       settings=[f"towers={','.join(towers)}", f"repeats={repeats}", f"threads={threads}",
+                                 f"distill_steps={distill_steps}"], x="", group="config")
 
 
 def main() -> None:
@@ -144,66 +283,14 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     bench = Bench(args.model, args.repeats)
-    rows = []
-    for tower in args.towers:
-        models = {"dense": bench.dense}
-        dense_row = bench.row(bench.dense, tower, "dense")
-        rows.append(dense_row)
-        print(dense_row, flush=True)
-        grid = GRID[tower]
-        if args.configs:
-            grid = [(m, float(w), float(d)) for m, w, d in (c.split(":") for c in args.configs)]
-        for method, width, depth in grid:
-            model = copy.deepcopy(bench.dense)
-            start = time.perf_counter()
-            report = structured_prune(model, StructuredSettings(method, width_ratio=width, depth_ratio=depth,
-                                                                towers=[tower]), bench.mope_batch)
-            prune_s = time.perf_counter() - start
-            cost = report["scoring_cost"]
-            label = f"{method} w{width:g} d{depth:g}"
-            removed = prunable_fraction_removed(bench.dense, model, tower)
-            common = {"removed": removed, "prune_s": prune_s,
-                      "mope_calls": cost["forward_calls"], "mope_fwd_equiv": cost["full_forward_equivalents"]}
-            row = bench.row(model, tower, label, distilled="no", **common)
-            rows.append(row)
-            print(row, flush=True)
-            start = time.perf_counter()
-            history = distill(model, bench.dense, bench.distill_data, [tower],
-                              DistillSettings(steps=args.distill_steps, lr=1e-4, eval_every=10, patience=5),
-                              progress=False)
-            row = bench.row(model, tower, label, distilled=f"yes ({history['steps_run']} steps)",
-                            distill_s=time.perf_counter() - start, **common)
-            if not args.no_unstructured:
-                row["wanda_same_budget"] = bench.unstructured(tower, removed)
-            rows.append(row)
-            print(row, flush=True)
-            models[label] = model
-        timed = bench.latencies(models, tower)
-        for row in rows:
-            if row["tower"] == tower:
-                row.update(timed[row["config"]])
-        del models
-    for row in rows:
-        dense = next(r for r in rows if r["tower"] == row["tower"] and r["config"] == "dense")
-        row["speedup_b1"] = dense["ms_b1"] / row["ms_b1"]
-        row["speedup_b32"] = dense["ms_b32"] / row["ms_b32"]
-        row["d_acc_pts"] = 100 * (row["accuracy"] - dense["accuracy"])
-    columns = ["tower", "config", "distilled", "tower_params_M", "model_MB", "removed", "accuracy", "d_acc_pts",
-               "wanda_same_budget", "ms_b1", "ms_b32", "speedup_b1", "speedup_b32", "mope_calls", "mope_fwd_equiv",
-               "prune_s", "distill_s"]
-    table = markdown_table(rows, columns)
+    grids = {t: parse_configs(args.configs) if args.configs else GRID[t] for t in args.towers}
+    rows = run(bench, grids, args.distill_steps, not args.no_unstructured)
+    table = markdown_table(rows, COLUMNS)
     text = (f"# Structured pruning of the default dual encoder\n\n{machine()}\n\n"
             f"`python -m benchmarks.structured {' '.join(f'--towers {t}' for t in args.towers)} "
             f"--repeats {args.repeats} --threads {args.threads} --distill-steps {args.distill_steps}"
             f"{' --configs ' + ' '.join(args.configs) if args.configs else ''}`\n\n"
-            f"Zero-shot accuracy on {len(bench.test)} held-out digits (evaluation templates). Latency: median of "
-            f"{args.repeats} runs of the tower's encode (after 3 warm-up runs), {args.threads} thread(s), all models "
-            "timed round-robin (a distilled model has its undistilled twin's shape and shares its time); "
-            "the machine was shared with other jobs, so latencies are noisy. `removed`: fraction of the tower's "
-            "Linear/1x1-conv weights removed; `wanda_same_budget`: unstructured Wanda accuracy at that fraction. "
-            "MoPE scored on 64 training-split pairs; `mope_calls` batched forwards, `mope_fwd_equiv` their work in "
-            "full-tower forwards. Distillation: 512 training-split pairs (20% validation), early stopping.\n\n"
-            f"{table}\n")
+            f"{describe(len(bench.test), args.repeats, args.threads, 64, 512)}\n\n{table}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

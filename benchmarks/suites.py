@@ -18,6 +18,7 @@ replaces the inherited one) and its ``overrides``, which are added to every grid
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -150,15 +151,17 @@ def resolve_profile(name: str, path: str | Path = PROFILES, suites: list[str] | 
 
 def check_profile(profile: Profile) -> int:
     """Validate every grid configuration's params (the suite's params file, its overrides and the
-    configuration's) and that every script suite's function can be imported; raise one
+    configuration's) and that every script suite's function can be imported and takes its kwargs; raise one
     :class:`ProfileError` listing every problem. Returns the number of configurations checked."""
     problems, n = [], 0
     for name, suite in profile.suites.items():
         if isinstance(suite, ScriptSuite):
             try:
-                script_function(suite.function)
+                inspect.signature(script_function(suite.function)).bind(profile="", out="", **suite.kwargs)
             except (ImportError, AttributeError) as error:
                 problems.append(f"{name}: {suite.function}: {error}")
+            except TypeError as error:
+                problems.append(f"{name}: {suite.function} does not take kwargs {sorted(suite.kwargs)}: {error}")
             continue
         if suite.metric not in suite.metrics:
             problems.append(f"{name}: metric {suite.metric!r} is not among metrics {suite.metrics}")

@@ -42,6 +42,33 @@ def timed_prefill(decoder, ids, mask, pixels, plan: Plan, policy) -> tuple[float
     return end - start, end - middle
 
 
+def paired(decoder, data, policies: dict, points, repeats: int, k: int = 2) -> list[dict]:
+    """For each (policy name, token ratio, layer ratio): dense and pruned prefill alternating on the same
+    image (cycling over the images of ``data``), ``WARMUP`` pairs first, then ``repeats`` counted pairs;
+    medians of the dense and pruned times and of the per-pair speed-ups."""
+    ids = data.input_ids
+    mask = decoder.visual_mask(ids)
+    dense_plan = Plan(1.0, 1.0, k)
+    n_images = len(data.pixel_values)
+    rows = []
+    with torch.no_grad():
+        for name, tokens, layers in points:
+            dense, pruned = [], []
+            for r in range(repeats + WARMUP):
+                pixels = data.pixel_values[r % n_images][None]
+                d = timed_prefill(decoder, ids, mask, pixels, dense_plan, None)
+                p = timed_prefill(decoder, ids, mask, pixels, Plan(tokens, layers, k), policies[name])
+                if r >= WARMUP:
+                    dense.append(d)
+                    pruned.append(p)
+            rows.append({"policy": name, "tokens": tokens, "layers": layers,
+                         "dense_ms": 1000 * statistics.median(d[0] for d in dense),
+                         "pruned_ms": 1000 * statistics.median(p[0] for p in pruned),
+                         "prefill_x": statistics.median(d[0] / p[0] for d, p in zip(dense, pruned)),
+                         "lm_prefill_x": statistics.median(d[1] / p[1] for d, p in zip(dense, pruned))})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -57,27 +84,12 @@ def main() -> None:
     data = vqa_set(adapter, loaded, DataSpec(name="digits"), "test", N_IMAGES)
     influence = json.loads((Path(args.router) / "router.json").read_text())["block_influence"]
     policies = {"router": RouterPolicy(load_router(args.router)), "attention": AttentionPolicy(influence)}
-    ids = data.input_ids
-    mask = decoder.visual_mask(ids)
-    dense_plan = Plan(1.0, 1.0, args.k)
 
     print("| policy | tokens | layers | dense prefill ms | pruned prefill ms | prefill x (median of pairs) | lm_prefill x |")
     print("|---|---|---|---|---|---|---|")
-    with torch.no_grad():
-        for name, tokens, layers in POINTS:
-            dense, pruned = [], []
-            for r in range(args.repeats + WARMUP):
-                pixels = data.pixel_values[r % N_IMAGES][None]
-                d = timed_prefill(decoder, ids, mask, pixels, dense_plan, None)
-                p = timed_prefill(decoder, ids, mask, pixels, Plan(tokens, layers, args.k), policies[name])
-                if r >= WARMUP:
-                    dense.append(d)
-                    pruned.append(p)
-            speedup = statistics.median(d[0] / p[0] for d, p in zip(dense, pruned))
-            lm_speedup = statistics.median(d[1] / p[1] for d, p in zip(dense, pruned))
-            print(f"| {name} | {tokens:.0%} | {layers:.0%} | {1000 * statistics.median(d[0] for d in dense):.0f} | "
-                  f"{1000 * statistics.median(p[0] for p in pruned):.0f} | {speedup:.2f} | {lm_speedup:.2f} |",
-                  flush=True)
+    for row in paired(decoder, data, policies, POINTS, args.repeats, args.k):
+        print(f"| {row['policy']} | {row['tokens']:.0%} | {row['layers']:.0%} | {row['dense_ms']:.0f} | "
+              f"{row['pruned_ms']:.0f} | {row['prefill_x']:.2f} | {row['lm_prefill_x']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

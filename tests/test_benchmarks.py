@@ -149,6 +149,8 @@ def test_every_profile_validates_against_the_params_schema():
 
     gpu = resolve_profile("gpu")
     for suite in gpu.suites.values():
+        if suite.kind != "grid":  # script suites take no params file
+            continue
         assert load_params(suite.params, [*suite.overrides, *suite.configs()[0].overrides()]).model.device == "cuda"
     quick = resolve_profile("quick")
     lm = load_params(quick.suites["smollm2"].params, quick.suites["smollm2"].overrides)
@@ -188,6 +190,10 @@ def script_suite(profile: str, out: str, scale: float = 1.0) -> dict:
             "metric": "latency_ms", "higher_is_better": False, "methodology": "median of 5 after 2 warm-up runs"}
 
 
+def failing_suite(profile: str, out: str) -> dict:
+    raise RuntimeError("no model here")
+
+
 def incomplete_script_suite(profile: str, out: str) -> dict:
     return {"rows": [], "colums": []}
 
@@ -217,7 +223,11 @@ def tiny_profile(tiny_dual_encoder_dir, tmp_path_factory):
              "metric": "zero_shot_accuracy", "higher_is_better": True,
              "metrics": ["zero_shot_accuracy", "image_cosine"],
              "grid": [{"allocation": ["uniform", "owl"], "pruner": "wanda", "sparsity": 0.5}]}
-    (root / "profiles.yaml").write_text(yaml.safe_dump({"tiny": {"description": "tiny", "suites": {"tiny": suite}}}))
+    scripts = {"good": {"kind": "script", "title": "a script suite", "function": "tests.test_benchmarks:script_suite",
+                        "kwargs": {"scale": 2.0}},
+               "broken": {"kind": "script", "title": "a failing one", "function": "tests.test_benchmarks:failing_suite"}}
+    (root / "profiles.yaml").write_text(yaml.safe_dump({"tiny": {"description": "tiny", "suites": {"tiny": suite}},
+                                                        "scripts": {"description": "scripts", "suites": scripts}}))
     return root
 
 
@@ -255,3 +265,149 @@ def test_flow_end_to_end_with_mlflow(tiny_profile, bench_harness, tmp_path):
     assert parents[0].data.params["profile"] == "tiny" and "tiny.dense.zero_shot_accuracy" in parents[0].data.metrics
     files = {f.path for f in client.list_artifacts(result["parent_run_id"], "report")}
     assert {"report/report.md", "report/results.csv", "report/tiny_zero_shot_accuracy.png"} <= files
+
+
+# ---- the script suites behind the README's other tables (issue #9): tiny settings, plumbing only ----
+
+SCRIPT_SUITES = {"scoring_cost": "benchmarks.scoring_cost:suite", "structured": "benchmarks.structured:suite",
+                 "search": "benchmarks.search:suite", "tokens": "benchmarks.tokens:suite",
+                 "offload": "benchmarks.offload:suite"}
+
+
+def test_readme_profile_adds_the_script_suites_to_quick():
+    readme, quick = resolve_profile("readme"), resolve_profile("quick")
+    assert list(readme.suites) == [*quick.suites, *SCRIPT_SUITES]
+    assert {name: readme.suites[name].function for name in SCRIPT_SUITES} == SCRIPT_SUITES
+    assert readme.suites["smollm2"].overrides == quick.suites["smollm2"].overrides  # the grid suites unchanged
+    assert check_profile(readme) == check_profile(quick)  # and every script function takes its kwargs
+    assert all(name not in quick.suites for name in SCRIPT_SUITES)
+
+
+def test_script_suite_kwargs_are_checked_against_the_function(tmp_path):
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump({"p": {"description": "d", "suites": {"s": {
+        "kind": "script", "title": "t", "function": "benchmarks.search:suite", "kwargs": {"sparsty": 0.5}}}}}))
+    with pytest.raises(ProfileError, match=r"s: benchmarks.search:suite does not take kwargs \['sparsty'\]"):
+        check_profile(resolve_profile("p", path))
+
+
+@pytest.fixture
+def small_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def as_result(name: str, data: dict) -> SuiteResult:
+    return SuiteResult(**{**data, "name": name, "title": f"tiny {name}"})
+
+
+def test_scoring_cost_suite_on_a_tiny_lm(tmp_path, small_threads):
+    from tests.tiny import build_tiny_causal_lm, save_tiny
+
+    model = save_tiny(*build_tiny_causal_lm(), tmp_path / "lm")
+    data = run_script(SCRIPT_SUITES["scoring_cost"], "tiny", str(tmp_path), {
+        "samples": 4, "seq_len": 16, "batch_size": 2, "threads": 1, "model": str(model), "isolate": False,
+        "modes": ["forward", "first_order", "zeroth_full", "zeroth_cached"]})
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert list(rows) == ["forward", "first_order", "zeroth_full", "zeroth_cached"]
+    assert data["columns"] == ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr"]
+    assert rows["forward"]["x forward time"] == 1.0 and rows["forward"]["passes"] == "2 fwd"
+    assert all(r["wall_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+    # central differences over 2 blocks x 2 batches = 8 perturbed forwards; from the perturbed block, the
+    # same estimator: the same ranking of the blocks
+    assert rows["zeroth_full"]["passes"].startswith("8 fwd") and rows["zeroth_cached"]["rank_corr"] == pytest.approx(1.0)
+    assert "rank_corr" not in rows["forward"]  # the plain forward computes no scores
+
+
+def test_structured_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):
+    data = run_script(SCRIPT_SUITES["structured"], "tiny", str(tmp_path), {
+        "model": str(tiny_dual_encoder_dir), "towers": ["text"], "repeats": 2, "distill_steps": 2,
+        "mope_samples": 16, "distill_samples": 32, "configs": {"text": ["mope:0.5:1", "layer_drop:1:0.5"]}})
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["dense", "mope w0.5 d1", "layer_drop w1 d0.5"]
+    assert {"accuracy", "distilled", "x speed b1", "x speed b32", "removed"} <= set(data["columns"])
+    assert rows["layer_drop w1 d0.5"]["removed"] == pytest.approx(0.5)  # 1 of the 2 BERT layers
+    assert rows["mope w0.5 d1"]["tower_params_M"] < rows["dense"]["tower_params_M"]
+    for r in list(rows.values())[1:]:
+        assert r["d_acc_pts"] == pytest.approx(100 * (r["distilled"] - rows["dense"]["accuracy"]))
+        assert r["x speed b1"] == pytest.approx(rows["dense"]["ms_b1"] / r["ms_b1"])
+    assert sum(n.startswith("- text,") for n in data["notes"]) == 2  # a target verdict per configuration
+
+
+def test_search_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):
+    params = tiny_params(tiny_dual_encoder_dir, tmp_path / "unused", tracking={"enabled": False})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    data = run_script(SCRIPT_SUITES["search"], "tiny", str(tmp_path), {
+        "model": str(tiny_dual_encoder_dir), "params": str(tmp_path / "params.yaml"), "sizes": [8, 16],
+        "rounds": 1, "population": 2, "calibration_samples": 8, "granularity": "2"})
+    methods = [(r["method"], r["n"]) for r in data["rows"]]
+    assert methods == [("uniform", 16), ("owl", 16), ("ecoflap (zeroth)", 16), ("search (penalty)", 8),
+                       ("search (no penalty)", 8), ("search (penalty)", 16), ("search (no penalty)", 16)]
+    assert all(r["overall"] == pytest.approx(0.6, abs=0.01) for r in data["rows"])  # every allocation keeps 60%
+    assert all(r["gap"] == pytest.approx(r["search acc"] - r["held-out acc"]) for r in data["rows"])
+    assert data["dense"]["method"] == "dense" and 0 <= data["dense"]["held-out acc"] <= 1
+    assert (tmp_path / "search" / "search_probability.md").exists()
+
+
+def test_tokens_suite_on_a_tiny_llava(tmp_path, small_threads):
+    data = run_script(SCRIPT_SUITES["tokens"], "tiny", str(tmp_path), {
+        "tiny_llava": True, "router_steps": 3, "train_samples": 8, "eval_samples": 8, "token_ratios": [1.0, 0.5],
+        "layer_ratios": [1.0, 0.5], "repeats": 1, "pairs": 1, "batch_size": 4})
+    assert [(r["tokens"], r["layers"]) for r in data["rows"]] == [("100%", "50%"), ("50%", "100%"), ("50%", "50%")]
+    assert data["columns"][:5] == ["tokens", "layers", "router", "attention", "random"]
+    assert all(r["x prefill router"] > 0 and r["x prefill attention"] > 0 for r in data["rows"])
+    assert data["dense"]["tokens"] == "100%" and data["metric"] == "router"
+    assert any("50% tokens / 100% layers" in n and "target" in n for n in data["notes"])
+
+
+def test_readme_region_of_a_script_suite_is_rewritten(tmp_path):
+    rows = [{"mode": "forward", "passes": "2 fwd", "wall_s": 2.0, "peak_mb": 900.0, "x forward time": 1.0},
+            {"mode": "first_order", "passes": "2 fwd, 2 bwd", "wall_s": 5.0, "peak_mb": 1800.0, "x forward time": 2.5}]
+    result = as_result("scoring_cost", {"rows": rows, "columns": ["mode", "passes", "wall_s", "peak_mb",
+                                                                  "x forward time"],
+                                        "metric": "wall_s", "higher_is_better": False, "methodology": "one run",
+                                        "notes": ["a note"], "x": ""})
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n\n<!-- benchmark:scoring_cost:start -->\nhand-pasted\n<!-- benchmark:scoring_cost:end -->\n"
+                      "after\n")
+    written = write_report([result], tmp_path / "out", "readme", "python -m benchmarks.runner --profile readme",
+                           "sequential", published=None, readme=readme)
+    assert update_readme(readme, {"scoring_cost": written["sections"]["scoring_cost"]}) == ["scoring_cost"]
+    text = readme.read_text()
+    assert "hand-pasted" not in text and text.endswith("<!-- benchmark:scoring_cost:end -->\nafter\n")
+    assert "| mode | passes | wall s | peak MB | x forward time |" in text  # no empty `x dense` column
+    assert "| first_order | 2 fwd, 2 bwd | 5.0 | 1800 | 2.50x |" in text and "a note" in text
+    assert "python -m benchmarks.runner --profile readme" in text
+
+
+def test_flow_runs_script_suites_and_reports_a_failed_one(tiny_profile, bench_harness, tmp_path):
+    from benchmarks.runner import benchmark
+
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- benchmark:good:start -->\n<!-- benchmark:good:end -->\n")
+    result = benchmark(profile="scripts", profiles_path=str(tiny_profile / "profiles.yaml"), out=str(tmp_path / "out"),
+                       tracking=False, command="test run", readme=str(readme), published=False)
+    assert result["failed"] == 1 and set(result["sections"]) == {"good", "broken"}
+    assert "| a | 4.0 |" in result["sections"]["good"]  # latency_ms 2.0 x scale 2.0
+    assert "FAILED broken: RuntimeError: no model here" in result["sections"]["broken"]
+    assert "FAILED broken" in (tmp_path / "out" / "report.md").read_text()
+    update_readme(readme, {"good": result["sections"]["good"]})
+    assert "| a | 4.0 |" in readme.read_text()
+
+
+def test_offload_extrapolation_counts_llama_parameters_like_transformers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.offload import llama_sizes
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    total, resident, block = llama_sizes(64, 176, 3, 300, 2 / 8)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert block == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert resident == total - 3 * block
