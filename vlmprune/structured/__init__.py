@@ -2,7 +2,9 @@
 
 Methods (``pruning.method``), all in :func:`structured_prune`:
 
-- ``mope``: MoPE-CLIP's module-wise pruning error (METHODS.md section 4), width then depth;
+- ``mope``: MoPE-CLIP's module-wise pruning error (METHODS.md section 4), width then depth; the
+  drop of a cross-modal metric (:mod:`~vlmprune.structured.mope`) or, for LLaMA-style causal LMs,
+  the rise of the next-token loss (:mod:`~vlmprune.structured.mope_lm`);
 - ``magnitude_structured``: the same modules ranked by weight norms;
 - ``layer_drop``: evenly spaced residual layers removed, width kept.
 

@@ -4,9 +4,10 @@ Magnitude-norm importance (the usual structured-magnitude baseline, e.g. Li et a
 filters for efficient ConvNets", applied here to the same modules as MoPE):
 
 - head h: ``sqrt(||W_q[h]||^2 + ||W_k[h]||^2 + ||W_v[h]||^2 + ||W_o[:, h]||^2)`` (Frobenius norms of
-  the head's rows of q/k/v and its columns of o);
+  the head's rows of q/k/v and its columns of o); under GQA, h is a head unit (one KV head with its
+  g query heads) and ``W_q[h]``, ``W_o[:, h]`` span those g query heads;
 - a group G of FFN neurons / MBConv channels: ``sqrt(||W_up[G]||^2 + ||W_down[:, G]||^2)`` (plus the
-  depthwise filters of the channels in an MBConv block);
+  rows of ``W_gate`` in a gated FFN, and the depthwise filters of the channels in an MBConv block);
 - a layer: the root-mean-square of all its weight matrices' entries (a weak, data-free heuristic;
   layers without a residual path get +inf).
 
@@ -48,8 +49,9 @@ class MagnitudeScorer:
             if a is None:
                 out.append(None)
                 continue
-            per_row = _rows(a.q.weight) + _rows(a.k.weight) + _rows(a.v.weight) + _cols(a.o.weight)
-            norms = per_row.view(a.n_heads, a.head_dim).sum(1).sqrt()
+            query = (_rows(a.q.weight) + _cols(a.o.weight)).view(a.n_heads, -1).sum(1)
+            kv = (_rows(a.k.weight) + _rows(a.v.weight)).view(a.n_heads, -1).sum(1)
+            norms = (query + kv).sqrt()
             out.append((norms, norms))
         return out
 
@@ -63,6 +65,8 @@ class MagnitudeScorer:
             per_unit = _rows(w.up.weight) + _cols(w.down.weight)
             if w.kind == "mbconv":
                 per_unit = per_unit + _rows(w.extra[1].weight)
+            elif w.kind == "gated":
+                per_unit = per_unit + _rows(w.extra[0].weight)
             norms = torch.stack([per_unit[g].sum() for g in layer_groups]).sqrt()
             out.append((norms, norms))
         return out

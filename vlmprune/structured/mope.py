@@ -38,6 +38,8 @@ def contiguous_groups(size: int, fraction: float) -> list[list[int]]:
 
 def _repeat(value, n: int, copies: int):
     """Repeat tensors whose first dimension is the sample count ``n``, candidate-major."""
+    if isinstance(value, tuple):  # e.g. the (cos, sin) rotary tables of a decoder layer
+        return tuple(_repeat(v, n, copies) for v in value)
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n and copies > 1:
         return value.repeat(copies, *([1] * (value.dim() - 1)))
     return value
@@ -145,10 +147,10 @@ class MoPEScorer:
             if attention is None:
                 out.append(None)
                 continue
-            h, d = attention.n_heads, attention.head_dim
-            masks = torch.ones(h, h * d)
+            h = attention.n_heads
+            masks = torch.ones(h, attention.o.in_features)
             for j in range(h):
-                masks[j, j * d:(j + 1) * d] = 0
+                masks[j, attention.query_index([j])] = 0  # under GQA: the unit's g query heads
             out.append(self._masked(tower, i, attention.o, masks))
         return out
 

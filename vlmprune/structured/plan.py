@@ -5,7 +5,8 @@ remove the least important residual layers to a target depth ratio.
 Counts: a layer with H heads keeps ``max(1, round(width_ratio * H))`` heads and
 ``max(1, round(width_ratio * G))`` of its G neuron groups; a tower of L layers loses
 ``min(round((1 - depth_ratio) * L), D)`` of its D residual layers. Importance comes from a scorer
-(:class:`~vlmprune.structured.mope.MoPEScorer` or
+(:class:`~vlmprune.structured.mope.MoPEScorer`, for causal LMs
+:class:`~vlmprune.structured.mope_lm.LMMoPEScorer`, or
 :class:`~vlmprune.structured.magnitude.MagnitudeScorer`); ``layer_drop`` removes evenly spaced
 layers and keeps the width.
 """
@@ -19,10 +20,13 @@ import torch.nn as nn
 
 from vlmprune.structured.magnitude import MagnitudeScorer, uniform_drop
 from vlmprune.structured.mope import MoPEScorer, contiguous_groups
+from vlmprune.structured.mope_lm import LMMoPEScorer
 from vlmprune.structured.surgery import (
     count_parameters, current_structure, keep_heads, keep_layers, keep_width, parent_indices, tag_parent_indices,
 )
-from vlmprune.structured.towers import structured_towers
+from vlmprune.structured.towers import is_causal_lm, structured_towers
+
+LM_METRICS = ("lm_loss", "loss")  # what MoPE scores on a causal LM: the rise of the next-token loss
 
 
 @dataclass
@@ -31,7 +35,7 @@ class StructuredSettings:
     width_ratio: float = 1.0
     depth_ratio: float = 1.0
     ffn_group: float = 1 / 16       # fraction of a layer's FFN width scored (and removed) together
-    metric: str = "accuracy"        # MoPE metric: accuracy | retrieval | loss
+    metric: str = "accuracy"        # MoPE metric: accuracy | retrieval | loss (cross-modal); lm_loss (causal LMs)
     towers: list[str] | None = None
     max_rows: int = 512             # MoPE: rows (candidates x samples) per batched forward
     extra: dict = field(default_factory=dict)
@@ -110,7 +114,14 @@ def structured_prune(model: nn.Module, settings: StructuredSettings, batch: dict
     for tower in towers:
         tag_parent_indices(tower)
     before = {t.name: count_parameters(t.layers) for t in towers}
-    if settings.method == "mope":
+    if settings.method == "mope" and is_causal_lm(model):
+        if settings.metric not in LM_METRICS:
+            raise ValueError(f"structured.metric {settings.metric!r} is a cross-modal metric; MoPE on a causal LM "
+                             f"scores the rise of the next-token loss: set structured.metric to lm_loss")
+        if batch is None:
+            raise ValueError("MoPE on a causal LM needs a batch of calibration windows (input_ids, attention_mask)")
+        scorer = LMMoPEScorer(model, batch, settings.max_rows)
+    elif settings.method == "mope":
         if batch is None:
             raise ValueError("MoPE needs a batch of image-caption pairs (pixel_values, input_ids, attention_mask, labels)")
         scorer = MoPEScorer(model, batch, settings.metric, settings.max_rows, settings.towers)

@@ -6,10 +6,14 @@ and latency all fall. The computation on what is kept is unchanged:
 
 - heads: attention output ``o(concat_h softmax(q_h k_h^T / sqrt(d)) v_h)`` is a sum over heads of
   ``W_o[:, h] * context_h``, so dropping rows of q/k/v and the matching columns of ``W_o`` equals
-  zeroing that head's context (the ``W_o`` bias stays);
-- FFN neurons / expanded channels: ``W_down act(W_up x + b)`` is a sum over neurons, so dropping a
-  row of ``W_up`` (and BN/depthwise channels in MBConv, which act per channel) with the matching
-  column of ``W_down`` equals zeroing that neuron's activation;
+  zeroing that head's context (the ``W_o`` bias stays). Under GQA the unit is one KV head with its
+  g query heads (:class:`~vlmprune.structured.towers.Attention`): its k/v rows are read by those
+  queries only, so removing the unit equals zeroing the context of its g query heads, and
+  ``num_key_value_groups`` (g) is unchanged;
+- FFN neurons / expanded channels: ``W_down act(W_up x + b)`` (gated: ``W_down (act(W_gate x) *
+  W_up x)``) is a sum over neurons, so dropping a row of ``W_up`` (and of ``W_gate``, and BN/depthwise
+  channels in MBConv, which act per channel) with the matching column of ``W_down`` equals zeroing
+  that neuron's activation;
 - layers on a residual path: ``x + f(x)`` without ``f`` is ``x``, so the layer is deleted.
 
 A pruned model is described by :func:`current_structure`: per tower, the kept layers (indices in
@@ -81,17 +85,20 @@ def keep_heads(attention: Attention, heads: Iterable[int]) -> None:
     heads = sorted(int(h) for h in heads)
     if not heads:
         raise ValueError("cannot remove every head of a layer; remove the layer instead")
-    d = attention.head_dim
-    keep = _index([h * d + j for h in heads for j in range(d)], attention.q.weight.device)
-    for proj in (attention.q, attention.k, attention.v):
-        slice_linear(proj, keep, 0)
-    slice_linear(attention.o, keep, 1)
+    device = attention.q.weight.device
+    keep_q, keep_kv = _index(attention.query_index(heads), device), _index(attention.kv_index(heads), device)
+    slice_linear(attention.q, keep_q, 0)
+    for proj in (attention.k, attention.v):
+        slice_linear(proj, keep_kv, 0)
+    slice_linear(attention.o, keep_q, 1)
     owner = attention.owner
     for name in ("num_attention_heads", "num_heads"):
         if hasattr(owner, name):
-            setattr(owner, name, len(heads))
+            setattr(owner, name, len(heads) * attention.group)
+    if hasattr(owner, "num_key_value_heads"):
+        owner.num_key_value_heads = len(heads)
     if hasattr(owner, "all_head_size"):
-        owner.all_head_size = len(keep)
+        owner.all_head_size = len(keep_q)
 
 
 def keep_width(width: Width, neurons: Iterable[int]) -> None:
@@ -99,8 +106,9 @@ def keep_width(width: Width, neurons: Iterable[int]) -> None:
     keep = _index(neurons, width.down.weight.device)
     if len(keep) == 0:
         raise ValueError("cannot remove every FFN neuron of a layer; remove the layer instead")
-    if width.kind == "linear":
-        slice_linear(width.up, keep, 0)
+    if width.kind in ("linear", "gated"):
+        for up in (width.up, *width.extra):
+            slice_linear(up, keep, 0)
         slice_linear(width.down, keep, 1)
         return
     bn0, depthwise, bn1 = width.extra
@@ -139,7 +147,8 @@ def keep_layers(tower: StructuredTower, layers: Iterable[int]) -> None:
 
 
 def current_structure(model: nn.Module, names: list[str] | None = None) -> dict:
-    """Per tower: kept layers (indices in the dense parent), heads and width of each kept layer."""
+    """Per tower: kept layers (indices in the dense parent), heads (head units: KV heads under GQA)
+    and width of each kept layer."""
     out = {}
     for tower in structured_towers(model, names):
         heads, widths = [], []

@@ -13,8 +13,16 @@ hold its prunable units:
 It also gives the tower's *tail*, which maps the last layer's output to the normalised embedding,
 so that a forward can start at any layer from cached inputs (:mod:`vlmprune.structured.mope`).
 
-Families: the offline dual encoder (BERT text tower, EfficientNet-lite vision tower) and
-``CLIPModel`` (two pre-norm transformer towers).
+Families: the offline dual encoder (BERT text tower, EfficientNet-lite vision tower),
+``CLIPModel`` (two pre-norm transformer towers) and LLaMA-style causal LMs (Llama, SmolLM2, Qwen2,
+Mistral: ``self_attn.{q,k,v,o}_proj`` and a gated ``mlp.{gate,up,down}_proj``), whose tower
+``language`` ends in the final norm and the LM head (its tail gives logits, not an embedding).
+
+Grouped-query attention (GQA): ``g = num_attention_heads / num_key_value_heads`` query heads share
+one key/value head. A prunable *head unit* is then one KV head together with its g query heads
+(rows ``u*d:(u+1)*d`` of k/v, rows ``u*g*d:(u+1)*g*d`` of q, the same columns of o), so every
+kept KV head still serves exactly g query heads and ``num_key_value_groups`` stays uniform
+(``g = 1`` is plain multi-head attention, one unit per head).
 """
 
 from __future__ import annotations
@@ -37,24 +45,36 @@ class Attention:
     o: nn.Linear
     owner: nn.Module  # the module whose head-count attributes are updated
     head_dim: int
+    group: int = 1    # query heads per key/value head (GQA); a unit is one KV head and its queries
 
     @property
     def n_heads(self) -> int:
-        return self.q.out_features // self.head_dim
+        """Prunable head units: KV heads under GQA, heads otherwise."""
+        return self.q.out_features // (self.head_dim * self.group)
+
+    def query_index(self, units) -> list[int]:
+        """Rows of q (columns of o) owned by ``units``."""
+        w = self.head_dim * self.group
+        return [u * w + j for u in units for j in range(w)]
+
+    def kv_index(self, units) -> list[int]:
+        """Rows of k and v owned by ``units``."""
+        d = self.head_dim
+        return [u * d + j for u in units for j in range(d)]
 
 
 @dataclass
 class Width:
     """The FFN (or expanded-channel) modules of one layer. ``kind`` is ``linear`` or ``mbconv``."""
 
-    kind: str
+    kind: str                # linear | gated (down(act(gate x) * up x)) | mbconv
     up: nn.Module            # Linear (rows) or 1x1 expand conv (output channels)
     down: nn.Module          # Linear (columns) or 1x1 project conv (input channels)
-    extra: tuple = ()        # mbconv: (bn0, depthwise conv, bn1), sliced along the same channels
+    extra: tuple = ()        # mbconv: (bn0, depthwise conv, bn1); gated: (gate,); sliced along the same units
 
     @property
     def size(self) -> int:
-        return self.down.in_features if self.kind == "linear" else self.down.in_channels
+        return self.down.in_channels if self.kind == "mbconv" else self.down.in_features
 
 
 @dataclass
@@ -157,6 +177,53 @@ def clip_towers(model) -> list[StructuredTower]:
     ]
 
 
+# ---- LLaMA-style causal LMs --------------------------------------------------------------------
+
+def _llama_style(layer: nn.Module) -> bool:
+    a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (a is not None and m is not None and all(isinstance(getattr(a, n, None), nn.Linear)
+                                                   for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _llama_attention(layer) -> Attention:
+    a = layer.self_attn
+    return Attention(a.q_proj, a.k_proj, a.v_proj, a.o_proj, a, a.head_dim,
+                     a.q_proj.out_features // a.k_proj.out_features)
+
+
+def _llama_width(layer) -> Width:
+    m = layer.mlp
+    return Width("gated", m.up_proj, m.down_proj, (m.gate_proj,))
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
+def causal_lm_towers(model) -> list[StructuredTower]:
+    """The decoder layers of a LLaMA-style causal LM as the tower ``language`` (the adapter's name);
+    tail: final norm, then the LM head (logits)."""
+    from vlmprune.adapters.causal_lm import find_layer_list
+
+    path, layers = find_layer_list(model, getattr(model.config, "num_hidden_layers", None))
+    if not all(_llama_style(layer) for layer in layers):
+        raise NotImplementedError(
+            f"structured pruning of causal LMs is built for LLaMA-style decoder layers (self_attn.q/k/v/o_proj and a "
+            f"gated mlp.gate/up/down_proj: Llama, SmolLM2, Qwen2, Mistral), not {type(model).__name__}: use "
+            "pruning.method magnitude, wanda or sparsegpt for this model")
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    norm, head = getattr(parent, "norm", None), model.get_output_embeddings()
+    if norm is None or head is None:
+        raise NotImplementedError(f"{type(model).__name__}: no final norm at {parent_path}.norm or no LM head")
+
+    def tail(x, batch):
+        return head(norm(x))
+
+    return [StructuredTower("language", parent, attr, _llama_attention, _llama_width, lambda layer: True, tail)]
+
+
 def structured_towers(model: nn.Module, names: list[str] | None = None) -> list[StructuredTower]:
     """The structured towers of a supported model, optionally only those named in ``names``."""
     from vlmprune.models.dual_encoder import DualEncoder
@@ -165,10 +232,12 @@ def structured_towers(model: nn.Module, names: list[str] | None = None) -> list[
         towers = dual_encoder_towers(model)
     elif type(model).__name__ == "CLIPModel":
         towers = clip_towers(model)
+    elif is_causal_lm(model):
+        towers = causal_lm_towers(model)
     else:
         raise NotImplementedError(
-            f"structured pruning is built for the dual_encoder and clip families, not {type(model).__name__}: "
-            "use pruning.method magnitude, wanda or sparsegpt for this model"
+            f"structured pruning is built for the dual_encoder, clip and (LLaMA-style) causal_lm families, not "
+            f"{type(model).__name__}: use pruning.method magnitude, wanda or sparsegpt for this model"
         )
     known = [t.name for t in towers]
     for name in names or []:
