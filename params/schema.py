@@ -339,8 +339,9 @@ class StructuredParams(Section):
     width_ratio: float = Field(0.5, gt=0, le=1, description="heads and FFN neurons kept per layer")
     depth_ratio: float = Field(1.0, gt=0, le=1, description="layers kept per tower (residual layers only are removed)")
     ffn_group: float = Field(0.0625, gt=0, le=1, description="fraction of a layer's FFN width scored and removed together")
-    metric: Literal["accuracy", "retrieval", "loss", "lm_loss"] = Field(
-        "accuracy", description="MoPE: the cross-modal metric whose drop is scored; lm_loss for causal LMs (next-token loss)")
+    metric: Literal["auto", "accuracy", "retrieval", "loss", "lm_loss"] = Field(
+        "auto", description="MoPE: the metric whose drop is scored: accuracy, retrieval or loss (cross-modal), lm_loss "
+                            "(causal LMs: the next-token loss); auto: lm_loss for a causal LM, accuracy otherwise")
     n_samples: int = Field(64, ge=2, description="MoPE: first calibration pairs used for scoring")
     max_rows: int = Field(512, ge=1, description="MoPE: rows (candidates x samples) per batched forward")
     distill: DistillParams = DistillParams()

@@ -1,7 +1,10 @@
 """``prune``: layer-wise pruning with the allocated sparsities; saves the pruned model and masks.
 
 Resumable: every finished group is checkpointed (tasks/resume.py); a rerun with the same params and
-inputs restores the finished groups and goes on from the next one, with a bit-identical result.
+inputs restores the finished groups and goes on from the next one, with a bit-identical result. The
+masks never pile up in memory: the masks file is streamed from those checkpoints. With
+``runtime.offload`` each group is held on the device (or in memory) only while it is pruned
+(vlmprune/offload.py), and in disk mode the model is saved one group per shard.
 """
 
 from __future__ import annotations

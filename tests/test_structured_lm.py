@@ -210,6 +210,16 @@ def test_cross_modal_metric_and_other_decoders_are_refused(llama):
         structured_towers(build_tiny_causal_lm("opt")[0])
 
 
+def test_auto_metric_is_the_lm_loss_on_a_causal_lm(llama):
+    model, _, batch = llama
+    auto, explicit = copy.deepcopy(model), copy.deepcopy(model)
+    structured_prune(auto, StructuredSettings("mope", width_ratio=1.0, depth_ratio=0.5), batch)
+    structured_prune(explicit, StructuredSettings("mope", width_ratio=1.0, depth_ratio=0.5, metric="lm_loss"), batch)
+    assert len(auto.model.layers) == len(explicit.model.layers) < len(model.model.layers)
+    first, second = auto.state_dict(), explicit.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 # ---- saving, loading, pipeline ---------------------------------------------------------------------------
 
 def test_pruned_model_saves_and_loads_back_with_the_same_logits(llama, tmp_path):

@@ -35,7 +35,8 @@ class StructuredSettings:
     width_ratio: float = 1.0
     depth_ratio: float = 1.0
     ffn_group: float = 1 / 16       # fraction of a layer's FFN width scored (and removed) together
-    metric: str = "accuracy"        # MoPE metric: accuracy | retrieval | loss (cross-modal); lm_loss (causal LMs)
+    metric: str = "auto"            # MoPE metric: accuracy | retrieval | loss (cross-modal); lm_loss (causal LMs);
+                                    # auto: lm_loss for a causal LM, accuracy otherwise
     towers: list[str] | None = None
     max_rows: int = 512             # MoPE: rows (candidates x samples) per batched forward
     extra: dict = field(default_factory=dict)
@@ -114,8 +115,9 @@ def structured_prune(model: nn.Module, settings: StructuredSettings, batch: dict
     for tower in towers:
         tag_parent_indices(tower)
     before = {t.name: count_parameters(t.layers) for t in towers}
+    metric = settings.metric if settings.metric != "auto" else "lm_loss" if is_causal_lm(model) else "accuracy"
     if settings.method == "mope" and is_causal_lm(model):
-        if settings.metric not in LM_METRICS:
+        if metric not in LM_METRICS:
             raise ValueError(f"structured.metric {settings.metric!r} is a cross-modal metric; MoPE on a causal LM "
                              f"scores the rise of the next-token loss: set structured.metric to lm_loss")
         if batch is None:
@@ -124,7 +126,7 @@ def structured_prune(model: nn.Module, settings: StructuredSettings, batch: dict
     elif settings.method == "mope":
         if batch is None:
             raise ValueError("MoPE needs a batch of image-caption pairs (pixel_values, input_ids, attention_mask, labels)")
-        scorer = MoPEScorer(model, batch, settings.metric, settings.max_rows, settings.towers)
+        scorer = MoPEScorer(model, batch, metric, settings.max_rows, settings.towers)
     else:
         scorer = MagnitudeScorer()
     width = prune_width(model, scorer, settings) if settings.width_ratio < 1 else {}
