@@ -228,7 +228,7 @@ def require_in_memory(params: RunParams, what: str) -> None:
     """Stop, with what to change, work that is not built for an offloaded model."""
     if params.runtime.offload != "none":
         raise OffloadError(f"{what} is not built for runtime.offload: {params.runtime.offload} (calibrate, baseline, "
-                           "layer-wise prune, OWL and evaluate are); set runtime.offload: none")
+                           "zeroth-order scores, OWL, layer-wise prune and evaluate are); set runtime.offload: none")
 
 
 @contextmanager
