@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from flows.pipeline import STAGES, TASKS
 from params.schema import ParamsError, validate
 from tests.tiny import (build_tiny_bert, build_tiny_blip2, build_tiny_causal_lm, build_tiny_clip, build_tiny_llava,
-                        save_tiny)
+                        family_params, save_tiny)
 from vlmprune.adapters import ADAPTERS, detect_family
 from vlmprune.data.spec import DataSpec
 
@@ -43,23 +43,6 @@ EXPECTED_METRICS = {
     "blip2": {"vqa_accuracy", "answer_loss", "answer_kl", "answer_top1_agreement"},
     "llava": {"vqa_accuracy", "answer_loss", "answer_kl", "answer_top1_agreement"},
 }
-
-
-def make_params(model_id, artifacts, data, **sections):
-    raw = {
-        "artifacts": str(artifacts),
-        "model": {"id": str(model_id)},
-        "data": dict(data),
-        "calibration": {"n_samples": 8, "batch_size": 4},
-        "scoring": {"method": "none", "n_samples": 4, "batch_size": 4},
-        "allocation": {"method": "uniform"},
-        "pruning": {"method": "wanda", "sparsity": 0.5},
-        "evaluation": {"batch_size": 16, "max_samples": 24},
-        "tracking": {"enabled": False},
-    }
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
-    return validate(raw)
 
 
 def run_stages(params, stages=STAGES):
@@ -102,7 +85,7 @@ def test_family_pipeline(name, saved, tmp_path):
     family = BUILDERS[name][1]
     assert detect_family(str(directory)) == family
     artifacts = tmp_path / "artifacts"
-    params = make_params(directory, artifacts, BUILDERS[name][2])
+    params = family_params(directory, artifacts, BUILDERS[name][2])
     run_stages(params)
 
     metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
@@ -157,7 +140,7 @@ def test_llava_prunes_only_the_vision_layers_it_reads(saved):
 
 
 def test_blip2_qformer_family_adds_the_qformer_tower(saved, tmp_path):
-    params = make_params(saved("blip2"), tmp_path / "artifacts", IMAGE_DATA, model={"family": "blip2_qformer"},
+    params = family_params(saved("blip2"), tmp_path / "artifacts", IMAGE_DATA, model={"family": "blip2_qformer"},
                          pruning={"method": "sparsegpt"})
     run_stages(params, ("calibrate", "score", "allocate", "prune"))
     report = json.loads((tmp_path / "artifacts" / "prune" / "sparsity.json").read_text())
@@ -199,7 +182,7 @@ def test_family_detection(saved, tmp_path):
 
 
 def test_missing_text_file_names_the_field(saved, tmp_path):
-    params = make_params(saved("llama"), tmp_path / "artifacts",
+    params = family_params(saved("llama"), tmp_path / "artifacts",
                          {"name": "text_file", "path": str(tmp_path / "missing.txt"), "seq_len": 32})
     with pytest.raises(FileNotFoundError, match="data.path"):
         TASKS["calibrate"].fn(params)
@@ -208,7 +191,7 @@ def test_missing_text_file_names_the_field(saved, tmp_path):
 def test_too_short_corpus_names_the_field(saved, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("A few words only.\n\nAnd a second short paragraph.\n")
-    params = make_params(saved("llama"), tmp_path / "artifacts", {"name": "text_file", "path": str(path), "seq_len": 64})
+    params = family_params(saved("llama"), tmp_path / "artifacts", {"name": "text_file", "path": str(path), "seq_len": 64})
     with pytest.raises(ValueError, match=r"data\.seq_len=64"):
         TASKS["calibrate"].fn(params)
 
@@ -223,7 +206,7 @@ def test_text_file_corpus_runs_and_keeps_held_out_text_apart(saved, tmp_path):
     corpus = load_text_corpus(spec)
     assert corpus.calibration and corpus.heldout and not set(corpus.calibration) & set(corpus.heldout)
     assert len(corpus.heldout) == pytest.approx(60, abs=2)
-    params = make_params(saved("llama"), tmp_path / "artifacts", {"name": "text_file", "path": str(path),
+    params = family_params(saved("llama"), tmp_path / "artifacts", {"name": "text_file", "path": str(path),
                                                                     "seq_len": 32, "eval_windows": 4})
     run_stages(params)
     assert math.isfinite(json.loads((tmp_path / "artifacts" / "evaluate" / "metrics.json").read_text())
@@ -255,7 +238,7 @@ def test_data_params_validation(data, message):
 
 
 def test_text_family_refuses_image_data(saved, tmp_path):
-    params = make_params(saved("llama"), tmp_path / "artifacts", IMAGE_DATA)
+    params = family_params(saved("llama"), tmp_path / "artifacts", IMAGE_DATA)
     with pytest.raises(ValueError, match="needs a text corpus"):
         TASKS["calibrate"].fn(params)
 

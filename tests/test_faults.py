@@ -21,7 +21,7 @@ from flows.cli import main
 from flows.pipeline import TASKS
 from tasks.io import atomic_dir, run_lock
 from tasks.resume import TEST_EXIT_CODE, TEST_EXIT_ENV, ResumeStore
-from tests.tiny import tiny_params
+from tests.tiny import interrupt_prune_after, tiny_params
 from vlmprune.errors import EXIT_CODE, NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,17 +108,10 @@ def test_interrupted_prune_resumes_bit_identical_other_pruners(upstream, tmp_pat
     reference = copy_run(upstream, tmp_path / "reference", pruning={"method": method})
     TASKS["prune"].fn(reference)
     params = copy_run(upstream, tmp_path / "artifacts", pruning={"method": method})
-    save = ResumeStore.save
-
-    def save_then_fail(self, group, state):
-        save(self, group, state)
-        if self.finished == 3:
-            raise _Interrupt
-
-    monkeypatch.setattr(ResumeStore, "save", save_then_fail)
+    resume_saving = interrupt_prune_after(monkeypatch, 3, _Interrupt)
     with pytest.raises(_Interrupt):
         TASKS["prune"].fn(params)
-    monkeypatch.setattr(ResumeStore, "save", save)
+    resume_saving()
     TASKS["prune"].fn(params)
     meta = json.loads((tmp_path / "artifacts" / "prune" / "meta.json").read_text())
     assert meta["resumed_groups"] == 3
@@ -127,16 +120,10 @@ def test_interrupted_prune_resumes_bit_identical_other_pruners(upstream, tmp_pat
 
 def test_checkpoints_of_other_params_are_discarded(upstream, tmp_path, monkeypatch, caplog):
     params = copy_run(upstream, tmp_path / "artifacts")
-    save = ResumeStore.save
-
-    def save_then_fail(self, group, state):
-        save(self, group, state)
-        raise _Interrupt
-
-    monkeypatch.setattr(ResumeStore, "save", save_then_fail)
+    resume_saving = interrupt_prune_after(monkeypatch, 1, _Interrupt)
     with pytest.raises(_Interrupt):
         TASKS["prune"].fn(params)
-    monkeypatch.setattr(ResumeStore, "save", save)
+    resume_saving()
     caplog.set_level(logging.INFO, logger="vlmprune")
     other = params.model_copy(update={"pruning": params.pruning.model_copy(update={"method": "magnitude"})})
     TASKS["prune"].fn(other)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from flows.pipeline import TASKS
-from tests.tiny import build_tiny_causal_lm, save_tiny, tiny_params
+from tests.tiny import build_tiny_causal_lm, interrupt_prune_after, save_tiny, tiny_params
 from vlmprune.offload import Checkpoint, GroupOffloader, OffloadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,21 +141,13 @@ def test_offloaded_prune_and_evaluate_are_bit_identical_to_in_memory(in_memory, 
 
 
 def test_offloaded_prune_resumes_bit_identical(in_memory, llama_dir, tmp_path, monkeypatch):
-    from tasks.resume import ResumeStore
-
     params = run_params(llama_dir, tmp_path / "artifacts", "disk")
     for name in ("calibrate", "score", "allocate"):
         TASKS[name].fn(params)
-    save = ResumeStore.save
-
-    def save_then_stop(self, group, state):
-        save(self, group, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumeStore, "save", save_then_stop)
+    resume_saving = interrupt_prune_after(monkeypatch, 1, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         TASKS["prune"].fn(params)
-    monkeypatch.setattr(ResumeStore, "save", save)
+    resume_saving()
     TASKS["prune"].fn(params)
     assert json.loads((tmp_path / "artifacts/prune/meta.json").read_text())["resumed_groups"] == 1
     first = checkpoint_tensors(Path(in_memory.artifacts) / "prune/model")

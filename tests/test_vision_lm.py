@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from flows.pipeline import STAGES, TASKS
 from params.schema import ParamsError, load_params, validate
-from tests.tiny import build_tiny_vision_lm
+from tests.tiny import build_tiny_vision_lm, family_params
 from vlmprune.adapters import ADAPTERS, detect_family
 from vlmprune.adapters.base import LoadedModel
 from vlmprune.adapters.vision_lm import VisionLMAdapter
@@ -141,21 +141,8 @@ def test_save_load_and_greedy_generation(tiny, tiny_dir):
     assert torch.equal(generated, sequence)
 
 
-def _params(model_dir, artifacts, **sections):
-    raw = {
-        "artifacts": str(artifacts),
-        "model": {"id": str(model_dir)},
-        "data": {"name": "digits"},
-        "calibration": {"n_samples": 8, "batch_size": 4},
-        "scoring": {"method": "none", "n_samples": 4, "batch_size": 4},
-        "allocation": {"method": "uniform"},
-        "pruning": {"method": "wanda", "sparsity": 0.5},
-        "evaluation": {"batch_size": 16, "max_samples": 24},
-        "tracking": {"enabled": False},
-    }
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
-    return validate(raw)
+def _params(model_dir, artifacts, data=None, **sections):
+    return family_params(model_dir, artifacts, {"name": "digits", **(data or {})}, **sections)
 
 
 def test_pipeline_calibrates_prunes_and_evaluates(tiny, tiny_dir, tmp_path):

@@ -38,6 +38,26 @@ def tiny_params(model_dir, artifacts, **sections):
     return validate(data)
 
 
+def family_params(model_id, artifacts, data, **sections):
+    """Validated params for a fast run of any family's tiny model on ``data`` (no scoring, uniform Wanda 50%)."""
+    from params.schema import validate
+
+    raw = {
+        "artifacts": str(artifacts),
+        "model": {"id": str(model_id)},
+        "data": dict(data),
+        "calibration": {"n_samples": 8, "batch_size": 4},
+        "scoring": {"method": "none", "n_samples": 4, "batch_size": 4},
+        "allocation": {"method": "uniform"},
+        "pruning": {"method": "wanda", "sparsity": 0.5},
+        "evaluation": {"batch_size": 16, "max_samples": 24},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return validate(raw)
+
+
 # ---- tiny models of the Hugging Face families (2 layers, width 32), with offline tokenizers ----
 
 def tiny_text_tokenizer(image_token: bool = False):
@@ -160,3 +180,19 @@ def build_tiny_vision_lm(seed: int = 0):
     config = VisionLMConfig(image_overrides={"width_coefficient": 0.25, "image_size": 64}, image_size=64,
                             text_config=text.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     return VisionLM(config).eval(), tokenizer
+
+
+def interrupt_prune_after(monkeypatch, groups: int, error: type[BaseException]):
+    """Make the prune stage raise ``error`` right after its ``groups``-th group checkpoint is written
+    (an interruption between two groups); returns a function that puts the real save back."""
+    from tasks.resume import ResumeStore
+
+    save = ResumeStore.save
+
+    def save_then_stop(self, group, state):
+        save(self, group, state)
+        if self.finished == groups:
+            raise error
+
+    monkeypatch.setattr(ResumeStore, "save", save_then_stop)
+    return lambda: monkeypatch.setattr(ResumeStore, "save", save)
