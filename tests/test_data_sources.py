@@ -374,15 +374,14 @@ def test_tiny_clip_calibrate_and_evaluate_on_image_folder(tmp_path):
     from safetensors.torch import load_file
 
     from tasks.calibrate import calibrate
-    from tests.test_families import make_params
-    from tests.tiny import build_tiny_clip, save_tiny
+    from tests.tiny import build_tiny_clip, family_params, save_tiny
     from vlmprune.adapters import ADAPTERS
 
     make_folder(tmp_path / "data", n_per_class=8)
     model, processor = build_tiny_clip()
     directory = save_tiny(model, processor, tmp_path / "clip")
     data = {"name": "image_folder", "path": str(tmp_path / "data"), "image_size": 32}
-    params = make_params(directory, tmp_path / "artifacts", data)
+    params = family_params(directory, tmp_path / "artifacts", data)
     calibrate.fn(params)
     batch = load_file(str(tmp_path / "artifacts" / "calibrate" / "calibration.safetensors"))
     assert batch["pixel_values"].shape == (8, 3, 32, 32)
@@ -397,7 +396,7 @@ def test_tiny_clip_calibrate_and_evaluate_on_image_folder(tmp_path):
     assert all(0 <= v <= 1 for v in metrics.values())
     # a bad count fails in the stage before the model is loaded
     with pytest.raises(ValueError, match="calibration.n_samples=50"):
-        calibrate.fn(make_params(directory, tmp_path / "a2", data, calibration={"n_samples": 50}))
+        calibrate.fn(family_params(directory, tmp_path / "a2", data, calibration={"n_samples": 50}))
 
 
 def test_empty_text_file_is_an_error(tmp_path):
