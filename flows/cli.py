@@ -18,8 +18,8 @@ import traceback
 from flows import environment
 
 # flows.pipeline.STAGES, without importing Prefect at start-up (tests/test_cli.py checks they agree)
-STAGE_NAMES = ("prepare", "calibrate", "baseline", "score", "allocate", "prune", "evaluate", "register",
-               "train_router", "evaluate_tokens")
+STAGE_NAMES = ("prepare", "calibrate", "baseline", "score", "allocate", "prune", "evaluate", "train_router",
+               "evaluate_tokens", "register")
 
 
 def _parser() -> argparse.ArgumentParser:

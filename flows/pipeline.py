@@ -2,7 +2,8 @@
 
 calibrate -> score -> allocate -> prune -> evaluate -> register, after ``prepare`` (which builds
 the offline default model, or does nothing for any other model); ``baseline`` evaluates the dense
-model once, beside them.
+model once, beside them. The PAR stages (train_router -> evaluate_tokens) run after prune and before
+register: with ``par.model: pruned`` they load the pruned model, and register logs the router beside it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ TASKS = {
     "allocate": allocate,
     "prune": prune,
     "evaluate": evaluate,
-    "register": register,
-    "train_router": train_router,  # PAR (par.enabled; else a "skipped" meta)
+    "train_router": train_router,  # PAR (par.enabled; else a "skipped" meta); after prune (par.model pruned)
     "evaluate_tokens": evaluate_tokens,
+    "register": register,  # last: attaches the router trained on the pruned model
 }
 STAGES = tuple(TASKS)
 

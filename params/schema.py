@@ -290,6 +290,10 @@ class ParParams(Section):
 
     enabled: bool = Field(False, description="run the train_router and evaluate_tokens stages (else they write a "
                                              "'skipped' meta)")
+    model: Literal["dense", "pruned"] = Field(
+        "dense", description="the model the router is trained and evaluated on, its own full outputs the teacher: "
+                             "dense (model.id) or pruned (the prune stage's artifacts/prune/model; the register "
+                             "stage then attaches the router to the registered model as router/)")
     k: int = Field(2, ge=1, description="visual tokens are dropped, and the router reads h_k, after the first k layers")
     token_ratios: list[float] = Field([1.0, 0.5, 0.25], min_length=1,
                                       description="visual-token keep ratios r (keeps floor(n r) tokens)")

@@ -1,5 +1,11 @@
 """``register``: log the run to MLflow and register the pruned model under an alias.
 
+With ``par.enabled`` and ``par.model: pruned`` the PAR router trained on this pruned model is
+logged beside its weights, as ``model/router/`` (``router.safetensors``, ``router.json``), after
+checking its recorded fingerprint against the model; load it with
+:func:`vlmprune.par.router.load_model_router` on the downloaded model directory. Otherwise
+``registration.json`` says under ``par_router`` that no router is attached, and why.
+
 Tracking store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts``, where <repo> is the
 project root, also when DVC runs the stage in a temporary copy (``dvc exp run --temp`` works
@@ -17,6 +23,8 @@ from prefect import task
 
 from params import RunParams
 from tasks.io import atomic_dir, read_json, stage_dir, write_json, write_meta
+from vlmprune.errors import ArtifactError
+from vlmprune.par.router import CONFIG, MODEL_ROUTER_DIR, WEIGHTS, model_fingerprint
 from vlmprune.profiling import measure
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -93,6 +101,29 @@ def _experiment_id(mlflow, name: str) -> str:
         lambda: mlflow.get_experiment_by_name(name).experiment_id)
 
 
+def router_to_attach(params: RunParams, model_dir: Path) -> tuple[list[Path], dict]:
+    """The PAR router files to log beside the registered model, and the ``par_router`` note of
+    ``registration.json``. Only a router trained on this very model (``par.model: pruned``, same
+    fingerprint) is attached; a stale one raises :class:`ArtifactError`."""
+    p = params.par
+    if not p.enabled:
+        return [], {"attached": False, "reason": "par.enabled is false: no router was trained"}
+    if p.model == "dense":
+        return [], {"attached": False, "reason": "par.model is dense: the router was trained on the dense model "
+                                                 "(model.id), whose hidden states and outputs differ from the "
+                                                 "registered pruned model's; set par.model: pruned to train it on the "
+                                                 "pruned model and register it beside it"}
+    router_dir = stage_dir(params, "train_router")
+    recorded = (read_json(router_dir / CONFIG).get("model") or {}).get("sha256")
+    actual = model_fingerprint(model_dir)["sha256"]
+    if recorded != actual:
+        raise ArtifactError(f"the router in {router_dir} was not trained on the model in {model_dir} (fingerprint "
+                            f"{str(recorded)[:12]} vs {actual[:12]}): rerun the train_router stage after prune")
+    return [router_dir / WEIGHTS, router_dir / CONFIG], {
+        "attached": True, "path": f"model/{MODEL_ROUTER_DIR}", "model_sha256": actual,
+        "loader": "vlmprune.par.router.load_model_router(<downloaded model dir>)"}
+
+
 @task(name="register")
 def register(params: RunParams) -> str:
     out = stage_dir(params, "register")
@@ -107,6 +138,8 @@ def register(params: RunParams) -> str:
     evaluation = stage_dir(params, "evaluate")
     metrics = read_json(evaluation / "metrics.json")
     t = params.tracking
+    model_dir = stage_dir(params, "prune") / "model"
+    router_files, router_note = router_to_attach(params, model_dir)
     with measure() as usage, store_lock(tracking_uri(params)):
         mlflow.set_tracking_uri(tracking_uri(params))
         experiment_id = _experiment_id(mlflow, t.experiment)
@@ -123,8 +156,9 @@ def register(params: RunParams) -> str:
             from tasks.search import log_candidates  # allocation.method search: every candidate policy
 
             log_candidates(mlflow, stage_dir(params, "allocate"))
-            model_dir = stage_dir(params, "prune") / "model"
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            for path in router_files:  # PAR router beside the weights (par.model pruned)
+                mlflow.log_artifact(str(path), artifact_path=f"model/{MODEL_ROUTER_DIR}")
             client = MlflowClient()
             # concurrent runs may register into the same store: each gets its own version; the
             # alias ends on the last one registered
@@ -135,11 +169,12 @@ def register(params: RunParams) -> str:
             version = retry_locked(
                 client.create_model_version,
                 t.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                tags={"mask_sha256": metrics["mask_sha256"], "sparsity": f"{metrics['sparsity']['overall']:.4f}"},
+                tags={"mask_sha256": metrics["mask_sha256"], "sparsity": f"{metrics['sparsity']['overall']:.4f}",
+                      "par_router": "attached" if router_note["attached"] else "none"},
             )
             retry_locked(client.set_registered_model_alias, t.model_name, t.alias, version.version)
     record = {"tracking_uri": tracking_uri(params), "experiment_id": experiment_id, "run_id": run.info.run_id,
-              "model_name": t.model_name, "version": int(version.version), "alias": t.alias}
+              "model_name": t.model_name, "version": int(version.version), "alias": t.alias, "par_router": router_note}
     with atomic_dir(out) as tmp:
         write_json(tmp / "registration.json", record)
         write_meta(tmp, "register", usage.as_dict())

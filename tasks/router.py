@@ -1,7 +1,14 @@
-"""PAR stages: ``train_router`` trains the meta-router (label-free, against the dense model) and saves
-it as ``router.safetensors`` + ``router.json``; ``evaluate_tokens`` measures accuracy and batch-1
-latency of every operating point for the router, the attention-score (FastV + Block Influence)
-and the random policies. Both write a "skipped" meta when ``par.enabled`` is false.
+"""PAR stages: ``train_router`` trains the meta-router (label-free, against the full outputs of the
+model it prunes) and saves it as ``router.safetensors`` + ``router.json``; ``evaluate_tokens``
+measures accuracy and batch-1 latency of every operating point for the router, the attention-score
+(FastV + Block Influence) and the random policies. Both write a "skipped" meta when ``par.enabled``
+is false.
+
+``par.model`` picks the model both stages load: ``dense`` (``model.id``) or ``pruned`` (the prune
+stage's ``artifacts/prune/model``, loaded as the evaluate stage loads it); that model's own 100%
+tokens / 100% layers outputs are the teacher. ``router.json`` records the model's fingerprint
+(:func:`vlmprune.par.router.model_fingerprint`); ``evaluate_tokens`` and the register stage (which
+attaches a ``pruned`` router to the registered model) refuse a router trained on another model.
 
 Run one stage: ``python -m tasks.router train_router [-p params.yaml] [-S key=value ...]``
 (what dvc.yaml calls), or through ``flows.pipeline``.
@@ -13,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from prefect import task
@@ -22,11 +30,12 @@ from tasks.io import (
     atomic_dir, data_spec, load_model, read_json, require_in_memory, resolve_device, stage_dir, write_json, write_meta,
 )
 from vlmprune.adapters.blip2 import ImageToTextAdapter
+from vlmprune.errors import ArtifactError
 from vlmprune.par.decoder import decoder_of
 from vlmprune.par.evaluate import evaluate_grid, vqa_set
 from vlmprune.par.plot import accuracy_vs_latency
 from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy, block_influence
-from vlmprune.par.router import MetaRouter, RouterConfig, load_router, save_router
+from vlmprune.par.router import MetaRouter, RouterConfig, load_router, model_fingerprint, save_router
 from vlmprune.par.train import make_examples, operating_points, train_router as fit_router
 from vlmprune.profiling import measure
 
@@ -40,9 +49,26 @@ def _skip(params: RunParams, stage: str) -> str | None:
     return str(out)
 
 
-def _load(params: RunParams):
+def par_model_id(params: RunParams) -> str:
+    """The model PAR trains and evaluates on: ``model.id`` (par.model dense) or the prune stage's
+    output directory (par.model pruned), which must exist."""
+    if params.par.model == "dense":
+        return params.model.id
+    pruned = stage_dir(params, "prune") / "model"
+    if not pruned.is_dir():
+        raise ArtifactError(f"{pruned} not found, and par.model is pruned: run the prune stage first (vlmprune stage "
+                            "prune, or dvc repro prune), or set par.model: dense")
+    return str(pruned)
+
+
+def fingerprint_of(model_id: str) -> dict | None:
+    """:func:`model_fingerprint` of a local model directory; None for a hub id or a packaged alias."""
+    return model_fingerprint(model_id) if Path(model_id).is_dir() else None
+
+
+def _load(params: RunParams, model_id: str):
     require_in_memory(params, "par (token and layer pruning)")
-    adapter, loaded = load_model(params)
+    adapter, loaded = load_model(params, model_id)
     if not isinstance(adapter, ImageToTextAdapter):
         raise ValueError(f"par needs an image-to-text model (llava, vision_lm); model.family is {adapter.family!r}")
     return adapter, loaded, decoder_of(loaded.model)
@@ -74,8 +100,10 @@ def train_router(params: RunParams) -> str:
         return skipped
     p, out = params.par, stage_dir(params, "train_router")
     device = resolve_device(params.model.device)
+    model_id = par_model_id(params)
     with measure() as usage:
-        adapter, loaded, dec = _load(params)
+        fingerprint = fingerprint_of(model_id)
+        adapter, loaded, dec = _load(params, model_id)
         p_k = p.k
         data = vqa_set(adapter, loaded, data_spec(params), "train", p.train_samples, p.seed)
         examples = make_examples(dec, data.input_ids.to(device), data.pixel_values.to(device), p_k,
@@ -92,7 +120,8 @@ def train_router(params: RunParams) -> str:
     metrics = {"loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail,
                "train_s": train_s, "examples": len(examples)}
     with atomic_dir(out) as tmp:
-        save_router(router, tmp, model_id=params.model.id, block_influence=influence, losses=losses, **metrics)
+        save_router(router, tmp, model_id=model_id, par_model=p.model, model=fingerprint, block_influence=influence,
+                    losses=losses, **metrics)
         write_json(tmp / "metrics.json", metrics)
         run_id = _log_mlflow(params, f"par-router k{p_k}", metrics, [tmp / "router.json", tmp / "router.safetensors"],
                              losses)
@@ -109,10 +138,16 @@ def evaluate_tokens(params: RunParams) -> str:
     device = resolve_device(params.model.device)
     router_dir = stage_dir(params, "train_router")
     threads = torch.get_num_threads()
+    model_id = par_model_id(params)
     with measure() as usage:
-        adapter, loaded, dec = _load(params)
+        facts = read_json(router_dir / "router.json")
+        fingerprint = fingerprint_of(model_id)
+        if fingerprint and (facts.get("model") or {}).get("sha256") != fingerprint["sha256"]:
+            raise ArtifactError(f"the router in {router_dir} was trained on {facts.get('model_id')!r}, not on the model "
+                                f"evaluated now ({model_id}, par.model {p.model}): rerun the train_router stage")
+        adapter, loaded, dec = _load(params, model_id)
         router = load_router(router_dir, device)
-        influence = read_json(router_dir / "router.json")["block_influence"]
+        influence = facts["block_influence"]
         data = vqa_set(adapter, loaded, data_spec(params), "test", p.eval_samples)
         policies = {"router": RouterPolicy(router), "attention": AttentionPolicy(influence),
                     "random": RandomPolicy(p.seed)}
@@ -124,12 +159,12 @@ def evaluate_tokens(params: RunParams) -> str:
                                  progress=True)
         finally:
             torch.set_num_threads(threads)
-    metrics = {"rows": rows, "threads": p.threads or threads, "eval_samples": len(data.labels),
+    metrics = {"rows": rows, "par_model": p.model, "threads": p.threads or threads, "eval_samples": len(data.labels),
                **{f"{r['method']}.t{r['token_ratio']:g}_l{r['layer_ratio']:g}.{m}": r[m] for r in rows
                   for m in ("accuracy", "prefill_speedup")}}
     with atomic_dir(out) as tmp:
         write_json(tmp / "metrics.json", metrics)
-        accuracy_vs_latency(rows, tmp / "accuracy_latency.png", f"PAR on {params.model.id} (k={p.k})")
+        accuracy_vs_latency(rows, tmp / "accuracy_latency.png", f"PAR on {params.model.id} ({p.model}, k={p.k})")
         run_id = _log_mlflow(params, f"par-eval k{p.k}", {k: v for k, v in metrics.items() if k != "rows"},
                              [tmp / "metrics.json", tmp / "accuracy_latency.png"])
         write_meta(tmp, "evaluate_tokens", usage.as_dict(), mlflow_run_id=run_id)

@@ -236,3 +236,188 @@ def test_stages_skip_when_disabled_and_run_on_tiny_llava(tmp_path):
     assert {r["method"] for r in rows} == {"dense", "router", "attention", "random"}
     assert all(0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows)
     assert (tmp_path / "on" / "evaluate_tokens" / "accuracy_latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- par.model: the router trained on the pruned model, registered beside it, loaded with it ----
+
+def test_par_model_param_validates(tmp_path):
+    from params.schema import ParamsError
+
+    assert _params(tmp_path, tmp_path).par.model == "dense"  # the default: today's behaviour
+    assert _params(tmp_path, tmp_path, model="pruned").par.model == "pruned"
+    with pytest.raises(ParamsError, match=r"par\.model = 'half': Input should be 'dense' or 'pruned'"):
+        _params(tmp_path, tmp_path, model="half")
+
+
+def _save(model, tokenizer, path, zero_half: bool = False):
+    """Save ``model`` as its adapter saves it; with ``zero_half``, a copy with the first half of every
+    language-model MLP down-projection zeroed (a stand-in for the prune stage's output: same config,
+    other weights)."""
+    import copy
+
+    from vlmprune.adapters import ADAPTERS, LoadedModel
+
+    pruned = copy.deepcopy(model)
+    if zero_half:
+        with torch.no_grad():
+            for layer in decoder_of(pruned).layers:
+                layer.mlp.down_proj.weight[:, : layer.mlp.down_proj.weight.shape[1] // 2] = 0
+    family = "vision_lm" if type(model).__name__ == "VisionLM" else "llava"
+    path.mkdir(parents=True, exist_ok=True)
+    ADAPTERS.get(family)().save(LoadedModel(pruned, tokenizer), path)
+    return path
+
+
+def _tiny_vision_lm():
+    from tests.tiny import build_tiny_vision_lm
+
+    return build_tiny_vision_lm()
+
+
+@pytest.mark.parametrize("build", [lambda: build_tiny_llava(text_layers=4), _tiny_vision_lm],
+                         ids=["llava", "vision_lm"])
+def test_pruned_router_is_trained_and_evaluated_on_the_prune_output(tmp_path, monkeypatch, build):
+    import tasks.router as stages
+    from vlmprune.errors import ArtifactError
+    from vlmprune.par.router import model_fingerprint
+
+    model, tokenizer = build()
+    dense_dir = _save(model, tokenizer, tmp_path / "model")
+    params = _params(dense_dir, tmp_path / "run", model="pruned")
+    with pytest.raises(ArtifactError, match="run the prune stage first"):
+        stages.train_router.fn(params)
+    pruned_dir = tmp_path / "run" / "prune" / "model"
+    _save(model, tokenizer, pruned_dir, zero_half=True)
+
+    teachers = []
+    make = stages.make_examples
+    monkeypatch.setattr(stages, "make_examples", lambda dec, *a, **kw: teachers.append(dec) or make(dec, *a, **kw))
+    stages.train_router.fn(params)
+    down = teachers[0].layers[0].mlp.down_proj.weight  # the teacher of the router's training
+    assert bool((down[:, : down.shape[1] // 2] == 0).all()) and bool((down[:, down.shape[1] // 2:] != 0).any())
+    facts = json.loads((tmp_path / "run" / "train_router" / "router.json").read_text())
+    assert facts["model_id"] == str(pruned_dir) and facts["par_model"] == "pruned"
+    assert facts["model"] == model_fingerprint(pruned_dir)
+    assert facts["model"]["sha256"] != model_fingerprint(dense_dir)["sha256"]
+
+    stages.evaluate_tokens.fn(params)
+    metrics = json.loads((tmp_path / "run" / "evaluate_tokens" / "metrics.json").read_text())
+    assert metrics["par_model"] == "pruned" and len(metrics["rows"]) == 10
+    # the prune output changed after the router was trained: evaluate_tokens refuses the stale router
+    _save(model, tokenizer, pruned_dir)
+    with pytest.raises(ArtifactError, match="rerun the train_router stage"):
+        stages.evaluate_tokens.fn(params)
+
+
+def test_model_fingerprint_is_config_and_weights(tmp_path):
+    from vlmprune.errors import ArtifactError
+    from vlmprune.par.router import model_fingerprint
+
+    model, tokenizer = build_tiny_llava()
+    a = save_tiny(model, tokenizer, tmp_path / "a")
+    b = save_tiny(model, tokenizer, tmp_path / "b")
+    (b / "router").mkdir()
+    (b / "notes.txt").write_text("not part of the model")
+    assert model_fingerprint(a) == model_fingerprint(b)  # same config and weights, other extra files
+    assert model_fingerprint(a)["files"] == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3
+    assert model_fingerprint(save_tiny(model, tokenizer, tmp_path / "c")) != model_fingerprint(a)
+    with pytest.raises(ArtifactError, match="no model weights"):
+        model_fingerprint(tmp_path / "b" / "router")
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """The whole pipeline on a tiny LLaVA with par.model pruned and MLflow on (a store in a temporary
+    folder, run from there so that mlartifacts/ lands there too)."""
+    from flows.pipeline import STAGES, TASKS
+    from tests.tiny import family_params
+
+    root = tmp_path_factory.mktemp("par_register")
+    model, tokenizer = build_tiny_llava(text_layers=4)
+    model_dir = save_tiny(model, tokenizer, root / "model")
+    par = {"enabled": True, "model": "pruned", "k": 1, "token_ratios": [1.0, 0.5], "layer_ratios": [1.0, 0.5],
+           "router_width": 8, "steps": 2, "batch_size": 4, "train_samples": 4, "eval_samples": 4,
+           "latency_repeats": 1}
+    tracking = {"enabled": True, "uri": f"sqlite:///{root / 'mlflow.db'}", "model_name": "tiny-par"}
+    params = family_params(model_dir, root / "artifacts", {"name": "digits"}, par=par, tracking=tracking,
+                           evaluation={"max_samples": 8})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for name in STAGES:
+            TASKS[name].fn(params)
+    return root, params
+
+
+def test_register_attaches_the_router_beside_the_pruned_model(registered):
+    import mlflow
+
+    from vlmprune.par.router import load_model_router, load_router, model_fingerprint
+
+    root, params = registered
+    record = json.loads((root / "artifacts" / "register" / "registration.json").read_text())
+    note = record["par_router"]
+    assert note["attached"] and note["path"] == "model/router"
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny-par@candidate",
+                                                          dst_path=str(root / "download"),
+                                                          tracking_uri=params.tracking.uri))
+    assert {"config.json", "model.safetensors", "router"} <= {p.name for p in downloaded.iterdir()}
+    assert sorted(p.name for p in (downloaded / "router").iterdir()) == ["router.json", "router.safetensors"]
+    assert note["model_sha256"] == model_fingerprint(downloaded)["sha256"] \
+        == model_fingerprint(root / "artifacts" / "prune" / "model")["sha256"]
+    trained = load_router(root / "artifacts" / "train_router").state_dict()
+    loaded = load_model_router(downloaded).state_dict()
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+
+
+def test_model_router_refuses_another_model_and_a_model_without_one(registered, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tasks.register import router_to_attach
+    from vlmprune.errors import ArtifactError
+    from vlmprune.par.router import RouterMismatchError, load_model_router
+
+    root, params = registered
+    with pytest.raises(ArtifactError, match="no PAR router beside the model"):
+        load_model_router(root / "model")  # the dense model: never had one
+    other = shutil.copytree(root / "artifacts" / "prune" / "model", tmp_path / "other")
+    shutil.copytree(root / "artifacts" / "train_router", other / "router")
+    load_model_router(other)  # the prune output with the trained router: they match
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("down_proj.weight"))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RouterMismatchError, match="was trained on a model with fingerprint"):
+        load_model_router(other)
+    with pytest.raises(ArtifactError, match="rerun the train_router stage"):
+        router_to_attach(params, other)  # register refuses a router trained before the last prune
+
+
+def test_register_notes_why_no_router_is_attached(registered):
+    from tasks.register import register
+
+    root, params = registered
+    for par, reason in ((params.par.model_copy(update={"model": "dense"}), "par.model is dense"),
+                        (params.par.model_copy(update={"enabled": False}), "par.enabled is false")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)
+            register.fn(params.model_copy(update={"par": par}))
+        note = json.loads((root / "artifacts" / "register" / "registration.json").read_text())["par_router"]
+        assert note["attached"] is False and note["reason"].startswith(reason)
+
+
+def test_dvc_and_flow_order_par_after_prune_and_register_last():
+    import yaml
+
+    from flows.pipeline import STAGES
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    for name in ("train_router", "evaluate_tokens"):  # par.model pruned reads the prune output
+        assert "artifacts/prune" in stages[name]["deps"] and "par" in stages[name]["params"]
+    assert "artifacts/train_router" in stages["register"]["deps"]  # the router it attaches
+    assert {"par.enabled", "par.model"} <= set(stages["register"]["params"])
+    order = STAGES.index
+    assert order("prune") < order("train_router") < order("evaluate_tokens") < order("register") == len(STAGES) - 1
