@@ -1,10 +1,13 @@
-"""Structured pruning on the offline default dual encoder: MoPE vs magnitude vs layer drop.
+"""Structured pruning of a two-tower image-text model: MoPE vs magnitude vs layer drop.
 
 For each tower and width/depth setting: zero-shot accuracy on the held-out digits (evaluation
-templates), parameters, weight file size and measured CPU latency of the pruned tower (median of
-repeated runs after warm-up, batch 1 and 32, fixed thread count), with and without distillation.
-Also unstructured Wanda at the same fraction of the tower's prunable weights, for the
-structured / unstructured accuracy ratio.
+templates; optionally class-aware retrieval R@1 both ways), parameters, weight file size and
+measured CPU latency of the pruned tower (median of repeated runs after warm-up, batch 1 and 32,
+fixed thread count), with and without distillation. Also unstructured Wanda at the same fraction of
+the tower's prunable weights, for the structured / unstructured accuracy ratio.
+
+:class:`Bench` serves the offline default dual encoder (this module's CLI and :func:`suite`) and
+``CLIPModel`` (:mod:`benchmarks.structured_clip`, on a tiny CLIP trained offline).
 
     python -m benchmarks.structured                      # text tower, default grid
     python -m benchmarks.structured --towers text vision --repeats 30
@@ -23,14 +26,20 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine, markdown_table
-from vlmprune.adapters import ADAPTERS, LoadedModel
+from vlmprune.adapters import ADAPTERS
+from vlmprune.adapters.clip import image_stats, pixel_values, tokenizer_of
 from vlmprune.data.images import image_split, to_pixel_values
 from vlmprune.data.spec import DataSpec
-from vlmprune.evaluators.zero_shot import class_embeddings, embed_images, zero_shot_accuracy
-from vlmprune.models.dual_encoder import DualEncoder, packaged_tokenizer
+from vlmprune.evaluators.zero_shot import (
+    class_embeddings,
+    embed_texts,
+    eval_captions,
+    retrieval_recalls,
+    zero_shot_accuracy,
+)
 from vlmprune.structured import StructuredSettings, count_parameters, structured_prune
 from vlmprune.structured.distill import DistillSettings, distill
-from vlmprune.structured.towers import structured_towers
+from vlmprune.structured.towers import structured_towers, tower_embed
 
 GRID = {  # tower -> list of (method, width_ratio, depth_ratio)
     "text": [("mope", 0.5, 1.0), ("magnitude_structured", 0.5, 1.0),
@@ -40,42 +49,89 @@ GRID = {  # tower -> list of (method, width_ratio, depth_ratio)
                ("mope", 0.5, 1.0), ("magnitude_structured", 0.5, 1.0),
                ("mope", 1.0, 0.75), ("magnitude_structured", 1.0, 0.75), ("layer_drop", 1.0, 0.75)],
 }
+TOWER_MODULES = {  # family -> tower -> the attribute holding the whole tower (embeddings included)
+    "dual_encoder": {"text": "text", "vision": "vision"},
+    "clip": {"text": "text_model", "vision": "vision_model"},
+}
 
 
 class Bench:
-    def __init__(self, model_dir: str, repeats: int, mope_samples: int = 64, distill_samples: int = 512):
-        self.dense = DualEncoder.from_pretrained(model_dir)
-        self.tokenizer = packaged_tokenizer()
-        self.adapter = ADAPTERS.get("dual_encoder")()
+    """A two-tower model of ``family`` (``dual_encoder`` or ``clip``) loaded from ``model_dir`` by its
+    adapter, the digits data, and what is measured on its pruned copies. Calibration pairs (MoPE,
+    distillation) come from the adapter; the family-specific parts here are only how raw images become
+    pixels, how texts are tokenized and which attribute holds a tower (:data:`TOWER_MODULES`)."""
+
+    def __init__(self, model_dir: str, repeats: int, mope_samples: int = 64, distill_samples: int = 512,
+                 family: str = "dual_encoder", retrieval: bool = False):
+        self.family, self.adapter = family, ADAPTERS.get(family)()
+        self.loaded = self.adapter.load(str(model_dir), torch.float32, "cpu")
+        self.dense = self.loaded.model
         self.spec = DataSpec(name="digits")
-        self.repeats = repeats
+        self.repeats, self.retrieval = repeats, retrieval
         self.data, _, self.test = image_split(self.spec)
-        loaded = LoadedModel(self.dense, self.tokenizer)
-        calib = self.adapter.make_calibration(loaded, self.spec, max(128, mope_samples), 0)
+        calib = self.adapter.make_calibration(self.loaded, self.spec, max(128, mope_samples), 0)
         self.mope_batch = {k: v[:mope_samples] for k, v in calib.items() if k != "index"}
-        self.distill_data = {k: v for k, v in self.adapter.make_calibration(loaded, self.spec, distill_samples,
+        self.distill_data = {k: v for k, v in self.adapter.make_calibration(self.loaded, self.spec, distill_samples,
                                                                              1).items() if k != "index"}
-        self.dense_images = self.images(self.dense)
-        size = self.dense.config.image_size
-        captions = [t.format(c) for c in self.data.class_names for t in self.data.eval_templates]
-        self.text_inputs = {b: self.tokenizer((captions * 4)[:b], padding=True, return_tensors="pt") for b in (1, 32)}
-        self.pixel_inputs = {b: to_pixel_values(self.data.images[self.test[:b]], size) for b in (1, 32)}
+        self.captions = eval_captions(self.data.class_names, self.data.eval_templates, self.data.labels[self.test],
+                                      self.spec.seed)
+        self.dense_embeddings = self.embeddings(self.dense, None)
+        prompts = [t.format(c) for c in self.data.class_names for t in self.data.eval_templates]
+        self.text_inputs = {b: self.tokenize((prompts * 4)[:b]) for b in (1, 32)}
+        self.pixel_inputs = {b: self.pixels(self.data.images[self.test[:b]]) for b in (1, 32)}
 
-    def images(self, model):
-        return embed_images(model.encode_image, self.data.images[self.test], model.config.image_size)
+    def pixels(self, images) -> torch.Tensor:
+        """uint8 images -> the family's pixel values (what its adapter feeds the model)."""
+        if self.family == "clip":
+            return pixel_values(images, self.dense.config.vision_config.image_size, *image_stats(self.loaded.processor))
+        return to_pixel_values(images, self.dense.config.image_size)
 
-    def accuracy(self, model, tower: str) -> float:
-        with torch.no_grad():
-            images = self.images(model) if tower == "vision" else self.dense_images
-            classes = class_embeddings(model.encode_text, self.tokenizer, self.data.class_names, self.data.eval_templates)
-        return zero_shot_accuracy(images, classes, self.data.labels[self.test])
+    def tokenize(self, texts, padding=True, return_tensors="pt"):
+        """A tokenizer call (the signature :func:`class_embeddings` expects); CLIP's texts are cut to its
+        position limit, as its adapter does."""
+        if self.family == "clip":
+            limit = self.dense.config.text_config.max_position_embeddings
+            return tokenizer_of(self.loaded.processor)(list(texts), padding=True, truncation=True, max_length=limit,
+                                                       return_tensors="pt")
+        return self.loaded.processor(list(texts), padding=True, return_tensors="pt")
+
+    @staticmethod
+    def encoder(model, tower: str):
+        """``batch -> normalised embeddings`` of one tower of ``model`` (its own encode method)."""
+        structured = structured_towers(model, [tower])[0]
+        return lambda batch: tower_embed(model, structured, batch)
+
+    @torch.no_grad()
+    def embeddings(self, model, tower: str | None) -> dict[str, torch.Tensor]:
+        """Held-out image embeddings, class embeddings (prompt ensembles over the evaluation templates) and,
+        with ``retrieval``, one evaluation caption per held-out image; of ``tower`` only (the other tower is
+        the dense model's, which pruning one tower leaves unchanged) or of both (``tower=None``)."""
+        out = dict(self.dense_embeddings) if tower else {}
+        if tower in (None, "vision"):
+            encode, images = self.encoder(model, "vision"), self.data.images[self.test]
+            out["image"] = torch.cat([encode({"pixel_values": self.pixels(images[s:s + 64])}).float()
+                                      for s in range(0, len(images), 64)])
+        if tower in (None, "text"):
+            encode = self.encoder(model, "text")
+            text = lambda ids, mask: encode({"input_ids": ids, "attention_mask": mask})
+            out["classes"] = class_embeddings(text, self.tokenize, self.data.class_names, self.data.eval_templates)
+            if self.retrieval:
+                out["captions"] = embed_texts(text, self.tokenize, self.captions)
+        return out
+
+    def metrics(self, model, tower: str) -> dict[str, float]:
+        """``accuracy`` (zero-shot) and, with ``retrieval``, class-aware ``i2t_r1`` and ``t2i_r1``."""
+        e, labels = self.embeddings(model, tower), self.data.labels[self.test]
+        out = {"accuracy": zero_shot_accuracy(e["image"], e["classes"], labels)}
+        if self.retrieval:
+            recalls = retrieval_recalls(e["image"], e["captions"], labels)
+            out.update(i2t_r1=recalls["i2t_r1"], t2i_r1=recalls["t2i_r1"])
+        return out
 
     def call(self, model, tower: str, b: int):
-        if tower == "text":
-            t = self.text_inputs[b]
-            return lambda: model.encode_text(t["input_ids"], t["attention_mask"])
-        p = self.pixel_inputs[b]
-        return lambda: model.encode_image(p)
+        encode = self.encoder(model, tower)
+        batch = self.text_inputs[b] if tower == "text" else {"pixel_values": self.pixel_inputs[b]}
+        return lambda: encode(batch)
 
     def latencies(self, models: dict, tower: str) -> dict[str, dict[str, float]]:
         """Median ms per model and batch size, timed round-robin (one run of each model per round), so
@@ -96,12 +152,12 @@ class Bench:
         return {name: {f"ms_b{b}": 1000 * statistics.median(t[b]) for b in (1, 32)} for name, t in times.items()}
 
     def tower_params(self, model, tower: str) -> int:
-        return count_parameters(model.text if tower == "text" else model.vision)
+        return count_parameters(getattr(model, TOWER_MODULES[self.family][tower]))
 
     def row(self, model, tower, label, **extra) -> dict:
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         return {"tower": tower, "config": label, "tower_params_M": self.tower_params(model, tower) / 1e6,
-                "model_MB": weights / 2**20, "accuracy": self.accuracy(model, tower), **extra}
+                "model_MB": weights / 2**20, **self.metrics(model, tower), **extra}
 
     def unstructured(self, tower: str, sparsity: float) -> float:
         """Zero-shot accuracy after Wanda at ``sparsity`` of the tower's prunable weights (uniform per layer)."""
@@ -118,7 +174,7 @@ class Bench:
         members = [(g.name, g.module, g.layers) for g in groups]
         prune_tower_sequential(model, run, batches, members, {n: sparsity for g in groups for n in g.layers},
                                PRUNERS.get("wanda")(), None, progress=False)
-        return self.accuracy(model, tower)
+        return self.metrics(model, tower)["accuracy"]
 
 
 def prunable_fraction_removed(dense, pruned, tower: str) -> float:
@@ -136,9 +192,10 @@ def parse_configs(configs: list[str]) -> list[tuple[str, float, float]]:
 
 
 def run(bench: Bench, grids: dict[str, list[tuple[str, float, float]]], distill_steps: int,
-        unstructured: bool = True) -> list[dict]:
-    """Per tower: the dense row, then per (method, width, depth) a row before and one after distillation;
-    latencies of all of a tower's models timed round-robin; speed-ups and accuracy change against dense."""
+        unstructured: bool = True, distill_lr: float = 1e-4) -> list[dict]:
+    """Per tower: the dense row, then per (method, width, depth) a row before and one after distillation
+    (AdamW at ``distill_lr``); latencies of all of a tower's models timed round-robin; speed-ups and accuracy
+    change against dense."""
     rows = []
     for tower, grid in grids.items():
         models = {"dense": bench.dense}
@@ -161,7 +218,7 @@ def run(bench: Bench, grids: dict[str, list[tuple[str, float, float]]], distill_
             print(row, flush=True)
             start = time.perf_counter()
             history = distill(model, bench.dense, bench.distill_data, [tower],
-                              DistillSettings(steps=distill_steps, lr=1e-4, eval_every=10, patience=5),
+                              DistillSettings(steps=distill_steps, lr=distill_lr, eval_every=10, patience=5),
                               progress=False)
             row = bench.row(model, tower, label, distilled=f"yes ({history['steps_run']} steps)",
                             distill_s=time.perf_counter() - start, **common)
@@ -186,10 +243,14 @@ def run(bench: Bench, grids: dict[str, list[tuple[str, float, float]]], distill_
 COLUMNS = ["tower", "config", "distilled", "tower_params_M", "model_MB", "removed", "accuracy", "d_acc_pts",
            "wanda_same_budget", "ms_b1", "ms_b32", "speedup_b1", "speedup_b32", "mope_calls", "mope_fwd_equiv",
            "prune_s", "distill_s"]
+RETRIEVAL = ("i2t_r1", "t2i_r1")  # measured with Bench(retrieval=True); after distillation in the summary
 
 
-def describe(n_test: int, repeats: int, threads: int, mope_samples: int, distill_samples: int) -> str:
-    return (f"Zero-shot accuracy on {n_test} held-out digits (evaluation templates). Latency: median of "
+def describe(n_test: int, repeats: int, threads: int, mope_samples: int, distill_samples: int,
+             retrieval: bool = False) -> str:
+    recalls = (" `i2t_r1` / `t2i_r1`: class-aware retrieval R@1 (image -> captions / caption -> images) between "
+               "the held-out images and one evaluation-template caption each." if retrieval else "")
+    return (f"Zero-shot accuracy on {n_test} held-out digits (evaluation templates).{recalls} Latency: median of "
             f"{repeats} runs of the tower's encode (after 3 warm-up runs), {threads} thread(s), all models "
             "timed round-robin (a distilled model has its undistilled twin's shape and shares its time); "
             "on a shared machine latencies are noisy. `removed`: fraction of the tower's "
@@ -206,7 +267,8 @@ def summary(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["config"] == "dense":
             out.append({"tower": row["tower"], "config": "dense", "tower_params_M": row["tower_params_M"],
-                        "accuracy": row["accuracy"], "ms_b1": row["ms_b1"], "ms_b32": row["ms_b32"]})
+                        "accuracy": row["accuracy"], "ms_b1": row["ms_b1"], "ms_b32": row["ms_b32"],
+                        **{k: row[k] for k in RETRIEVAL if k in row}})
         elif row.get("distilled") == "no":
             after = next(r for r in rows if r["tower"] == row["tower"] and r["config"] == row["config"]
                          and r.get("distilled") != "no")
@@ -215,7 +277,8 @@ def summary(rows: list[dict]) -> list[dict]:
                         "d_acc_pts": after["d_acc_pts"], "wanda_same_budget": after.get("wanda_same_budget"),
                         "ms_b1": row["ms_b1"], "ms_b32": row["ms_b32"], "x speed b1": row["speedup_b1"],
                         "x speed b32": row["speedup_b32"], "prune_s": row["prune_s"],
-                        "distill_s": after["distill_s"], "mope_calls": row["mope_calls"]})
+                        "distill_s": after["distill_s"], "mope_calls": row["mope_calls"],
+                        **{k: after[k] for k in RETRIEVAL if k in after}})
     return out
 
 
@@ -232,6 +295,48 @@ def verdicts(summary_rows: list[dict], points: float = 2.0, speedup: float = 1.3
     return lines
 
 
+def measure(make_bench, grids: dict[str, list[tuple[str, float, float]]], threads: int, distill_steps: int,
+            unstructured: bool = True, distill_lr: float = 1e-4) -> tuple[Bench, list[dict]]:
+    """``make_bench()`` and the rows of :func:`run` on ``grids``, with ``threads`` torch threads (restored
+    afterwards) and seed 0."""
+    torch.manual_seed(0)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bench = make_bench()
+        rows = run(bench, grids, distill_steps, unstructured, distill_lr)
+    finally:
+        torch.set_num_threads(threads_before)
+    return bench, rows
+
+
+def suite_result(name: str, bench: Bench, rows: list[dict], towers, repeats: int, threads: int, distill_steps: int,
+                 mope_samples: int, distill_samples: int, notes: list[str] = ()):
+    """The runner's :class:`~benchmarks.report.SuiteResult`: the :func:`summary` of :func:`measure`'s rows, with the
+    target verdicts and ``notes`` after them."""
+    from benchmarks.report import SuiteResult
+
+    rows = summary(rows)
+    text = describe(len(bench.test), repeats, threads, mope_samples, distill_samples, bench.retrieval)
+    columns = ["tower", "config", "tower_params_M", "removed", "accuracy", "distilled", "d_acc_pts",
+               *(RETRIEVAL if bench.retrieval else ()), "wanda_same_budget", "x speed b1", "x speed b32", "prune_s",
+               "distill_s"]
+    notes = [(f"`accuracy` before pruning's recovery, `distilled` after {distill_steps} distillation steps (at most; "
+              "early stopping), `d_acc_pts` the change against dense after distillation, in points; `x speed`: "
+              "the tower's latency speed-up over dense at batch 1 and 32. " + text), "",
+             ("Against the structured-pruning target (at least 1.3x lower latency at batch 1 within 2 points after "
+              "recovery):"), "", *verdicts(rows), *notes]
+    return SuiteResult(name=name, title="", rows=rows, metric="accuracy", higher_is_better=True,
+                       columns=columns, methodology=text, notes=notes,
+                       settings=[f"towers={','.join(towers)}", f"repeats={repeats}", f"threads={threads}",
+                                 f"distill_steps={distill_steps}"], x="", group="config")
+
+
+def grids_of(towers, configs: dict[str, list[str]] | None, default: dict) -> dict[str, list[tuple[str, float, float]]]:
+    """Per tower, the ``method:width:depth`` strings of ``configs`` parsed, or the tower's ``default`` grid."""
+    return {t: parse_configs(configs[t]) if configs and t in configs else default[t] for t in towers}
+
+
 def suite(profile: str, out: str, model: str | None = None, towers: list[str] = ("text",),
           configs: dict[str, list[str]] | None = None, repeats: int = 20, threads: int = 1,
           distill_steps: int = 100, mope_samples: int = 64, distill_samples: int = 512, unstructured: bool = True,
@@ -240,32 +345,16 @@ def suite(profile: str, out: str, model: str | None = None, towers: list[str] = 
     default model, built by the prepare stage under ``artifacts`` when missing); ``configs``: per tower,
     ``method:width:depth`` strings (default: :data:`GRID`)."""
     from benchmarks.common import default_dual_encoder
-    from benchmarks.report import SuiteResult
 
-    torch.manual_seed(0)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        bench = Bench(model or default_dual_encoder(artifacts), repeats, mope_samples, distill_samples)
-        grids = {t: parse_configs(configs[t]) if configs and t in configs else GRID[t] for t in towers}
-        rows = summary(run(bench, grids, distill_steps, unstructured))
-    finally:
-        torch.set_num_threads(threads_before)
-    text = describe(len(bench.test), repeats, threads, mope_samples, distill_samples)
-    columns = ["tower", "config", "tower_params_M", "removed", "accuracy", "distilled", "d_acc_pts",
-               "wanda_same_budget", "x speed b1", "x speed b32", "prune_s", "distill_s"]
-    notes = [(f"`accuracy` before pruning's recovery, `distilled` after {distill_steps} distillation steps (at most; "
-              "early stopping), `d_acc_pts` the change against dense after distillation, in points; `x speed`: "
-              "the tower's latency speed-up over dense at batch 1 and 32. " + text), "",
-             ("Against the structured-pruning target (at least 1.3x lower latency at batch 1 within 2 points after "
-              "recovery):"), "", *verdicts(rows)]
+    bench, rows = measure(lambda: Bench(model or default_dual_encoder(artifacts), repeats, mope_samples,
+                                        distill_samples),
+                          grids_of(towers, configs, GRID), threads, distill_steps, unstructured)
+    notes = []
     if distill_steps < 100 or repeats < 20:
         notes += ["", ("Smaller than the hand-run table (100 distillation steps, 20 latency repeats, "
                        "`benchmarks/results/structured.md`) to fit the `readme` profile.")]
-    return SuiteResult(name="structured", title="", rows=rows, metric="accuracy", higher_is_better=True,
-                       columns=columns, methodology=text, notes=notes,
-                       settings=[f"towers={','.join(towers)}", f"repeats={repeats}", f"threads={threads}",
-                                 f"distill_steps={distill_steps}"], x="", group="config")
+    return suite_result("structured", bench, rows, towers, repeats, threads, distill_steps, mope_samples,
+                        distill_samples, notes)
 
 
 def main() -> None:

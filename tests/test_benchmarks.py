@@ -270,8 +270,8 @@ def test_flow_end_to_end_with_mlflow(tiny_profile, bench_harness, tmp_path):
 # ---- the script suites behind the README's other tables (issue #9): tiny settings, plumbing only ----
 
 SCRIPT_SUITES = {"scoring_cost": "benchmarks.scoring_cost:suite", "structured": "benchmarks.structured:suite",
-                 "search": "benchmarks.search:suite", "tokens": "benchmarks.tokens:suite",
-                 "offload": "benchmarks.offload:suite"}
+                 "structured_clip": "benchmarks.structured_clip:suite", "search": "benchmarks.search:suite",
+                 "tokens": "benchmarks.tokens:suite", "offload": "benchmarks.offload:suite"}
 
 
 def test_readme_profile_adds_the_script_suites_to_quick():
@@ -336,6 +336,57 @@ def test_structured_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_pa
         assert r["d_acc_pts"] == pytest.approx(100 * (r["distilled"] - rows["dense"]["accuracy"]))
         assert r["x speed b1"] == pytest.approx(rows["dense"]["ms_b1"] / r["ms_b1"])
     assert sum(n.startswith("- text,") for n in data["notes"]) == 2  # a target verdict per configuration
+
+
+TINY_CLIP = {"layers": 2, "hidden": 32, "heads": 4, "image_size": 16, "patch": 8, "embed_dim": 16}
+
+
+def test_structured_clip_suite_trains_and_prunes_a_tiny_clip(tmp_path, small_threads):
+    from benchmarks.structured_clip import tiny_clip
+    from benchmarks.structured_clip_model import TinyClipSize
+
+    data = run_script(SCRIPT_SUITES["structured_clip"], "tiny", str(tmp_path), {
+        "towers": ["vision", "text"], "repeats": 2, "distill_steps": 2, "mope_samples": 16, "distill_samples": 32,
+        "train_steps": 3, "artifacts": str(tmp_path / "artifacts"), **TINY_CLIP,
+        "configs": {"vision": ["mope:0.5:1", "layer_drop:1:0.5"], "text": ["magnitude_structured:0.5:1"]}})
+    rows = {(r["tower"], r["config"]): r for r in data["rows"]}
+    assert list(rows) == [("vision", "dense"), ("vision", "mope w0.5 d1"), ("vision", "layer_drop w1 d0.5"),
+                          ("text", "dense"), ("text", "magnitude_structured w0.5 d1")]
+    assert {"accuracy", "distilled", "i2t_r1", "t2i_r1", "wanda_same_budget", "x speed b1"} <= set(data["columns"])
+    # 2 of 4 heads and 8 of 16 FFN groups per layer: half of every Linear of the layers; 1 of 2 layers
+    assert rows["vision", "mope w0.5 d1"]["removed"] == pytest.approx(0.5)
+    assert rows["text", "magnitude_structured w0.5 d1"]["removed"] == pytest.approx(0.5)
+    assert rows["vision", "layer_drop w1 d0.5"]["removed"] == pytest.approx(0.5)
+    for tower in ("vision", "text"):
+        dense = rows[tower, "dense"]
+        for (t, config), r in rows.items():
+            if t == tower and config != "dense":
+                assert r["tower_params_M"] < dense["tower_params_M"]
+                assert r["d_acc_pts"] == pytest.approx(100 * (r["distilled"] - dense["accuracy"]))
+                assert r["x speed b1"] == pytest.approx(dense["ms_b1"] / r["ms_b1"])
+                assert 0 <= r["i2t_r1"] <= 1 and 0 <= r["t2i_r1"] <= 1
+    assert sum(n.startswith(("- vision,", "- text,")) for n in data["notes"]) == 3  # a verdict per configuration
+    assert any("trained from scratch on the digits training split (3 steps" in n for n in data["notes"])
+    # the trained model is kept and reused while its settings are the same, retrained when they change
+    size = TinyClipSize(**TINY_CLIP)
+    directory, record = tiny_clip(tmp_path / "artifacts", 3, size, progress=False)
+    assert record.get("reused") and record["steps"] == 3 and (tmp_path / "artifacts/tiny_clip/config.json").exists()
+    assert directory == str(tmp_path / "artifacts" / "tiny_clip")
+    assert "reused" not in tiny_clip(tmp_path / "artifacts", 2, size, progress=False)[1]
+
+
+def test_random_shift_moves_each_image_within_the_bound():
+    import torch
+
+    from benchmarks.structured_clip_model import random_shift
+
+    x = torch.zeros(64, 1, 7, 7)
+    x[:, 0, 3, 3] = 1.0  # one bright pixel in the middle of each image
+    out = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(random_shift(x, 0, torch.Generator()), x)
+    positions = [tuple((img[0] == 1).nonzero()[0].tolist()) for img in out]
+    assert all((img == 1).sum() == 1 for img in out)  # moved, not smeared (edges replicate the zeros)
+    assert {abs(r - 3) for r, _ in positions} | {abs(c - 3) for _, c in positions} == {0, 1, 2}
 
 
 def test_search_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):
