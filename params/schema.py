@@ -321,10 +321,13 @@ class ParParams(Section):
 
 
 class DistillParams(Section):
-    """Optional recovery of a structurally pruned model by distillation from the dense teacher."""
+    """Optional recovery of a structurally pruned model by distillation from the dense teacher (image-text:
+    embedding and similarity loss, pruned towers trained; causal LM: next-token KL + hidden-state MSE of the kept
+    layers, all weights trained; vlmprune.structured.distill)."""
 
     enabled: bool = False
-    n_samples: int = Field(512, ge=3, description="training-split pairs drawn with seed (train + validation)")
+    n_samples: int = Field(512, ge=3, description="training-split pairs (causal LM: windows of data.seq_len tokens) "
+                                                  "drawn with seed (train + validation)")
     seed: int = Field(1, ge=0, description="draw and batch order; differs from calibration.seed by default")
     steps: int = Field(200, ge=1)
     lr: float = Field(1e-4, gt=0, le=1)
@@ -332,7 +335,8 @@ class DistillParams(Section):
     eval_every: int = Field(10, ge=1, description="steps between validation losses")
     patience: int = Field(5, ge=1, description="validations without improvement before stopping early")
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    feature_weight: float = Field(1.0, ge=0)
+    feature_weight: float = Field(1.0, ge=0, description="weight of the feature term (causal LM: hidden-state MSE over "
+                                                        "the teacher's mean square, summed over the kept layers)")
     logit_weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
 

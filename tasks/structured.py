@@ -6,7 +6,9 @@ run unchanged:
 - ``model/``: the physically smaller model; its config carries ``structure`` (see
   :mod:`vlmprune.structured.persist`; causal LMs load back through the ``causal_lm`` adapter);
 - ``structure.json``: kept layers, heads and FFN neurons per tower, their scores, parameters and
-  file size before and after, the forward passes MoPE took, the distillation history;
+  file size before and after, the forward passes MoPE took, the distillation history
+  (``structured.distill.enabled``: image-text pairs, or for a causal LM ``n_samples`` windows of
+  ``data.seq_len`` training tokens drawn with ``structured.distill.seed``);
 - ``sparsity.json``: what evaluate reads: per layer, group (parent layer/block) and tower, the
   fraction of prunable weights *removed* (1.0 for a dropped layer); ``mask_sha256`` is the SHA-256
   of the structure, as there are no masks;
@@ -28,7 +30,6 @@ from vlmprune.profiling import measure
 from vlmprune.structured import StructuredSettings, count_parameters, structured_prune
 from vlmprune.structured.distill import DistillSettings, distill
 from vlmprune.structured.persist import record_structure
-from vlmprune.structured.towers import is_causal_lm
 
 
 def settings_of(params: RunParams) -> StructuredSettings:
@@ -82,9 +83,6 @@ def prune_structured(params: RunParams) -> str:
     with measure() as usage:
         adapter, loaded = load_model(params)
         model = loaded.model
-        if params.structured.distill.enabled and is_causal_lm(model):
-            raise NotImplementedError("structured.distill is built for the image-text families (embedding and "
-                                      "similarity distillation); for a causal LM set structured.distill.enabled: false")
         parent_names, parent_sizes = _parent_layers(params, adapter, loaded)
         params_before, bytes_before = count_parameters(model), _weights_bytes(model)
         teacher = copy.deepcopy(model) if params.structured.distill.enabled else None

@@ -14,12 +14,7 @@ import torch
 
 from tests.tiny import build_tiny_causal_lm, save_tiny, tiny_params
 from vlmprune.adapters.causal_lm import CausalLMAdapter, lm_loss
-from vlmprune.structured import (
-    StructuredSettings,
-    count_parameters,
-    current_structure,
-    structured_prune,
-)
+from vlmprune.structured import StructuredSettings, count_parameters, current_structure, structured_prune
 from vlmprune.structured.magnitude import MagnitudeScorer
 from vlmprune.structured.mope import contiguous_groups
 from vlmprune.structured.mope_lm import LMMoPEScorer
@@ -288,3 +283,189 @@ def test_prune_stage_runs_end_to_end_on_the_tiny_llama(upstream, method):
     metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
     assert math.isfinite(metrics["pruned"]["perplexity"]) and metrics["sparsity"]["overall"] > 0
     assert metrics["pruned"]["perplexity"] != metrics["dense"]["perplexity"]
+
+
+# ---- distillation (recovery) ------------------------------------------------------------------------------
+
+def _windows(n, length=16, seed=3):
+    torch.manual_seed(seed)
+    ids = torch.randint(1000, 5000, (n, length))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _pruned(model, width=0.5, depth=0.5):
+    m = copy.deepcopy(model)
+    structured_prune(m, StructuredSettings("magnitude_structured", width_ratio=width, depth_ratio=depth,
+                                           ffn_group=0.25))
+    return m
+
+
+def test_token_kl_equals_a_hand_computation():
+    """2 tokens, 3 classes, T = 2: KL(p || q) = sum_v p_v log(p_v / q_v), p = softmax(z_t / T), q = softmax(z_s / T),
+    averaged over the two tokens and multiplied by T^2."""
+    from vlmprune.structured.distill import token_kl
+
+    z_s = [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]
+    z_t = [[2.0, 0.0, 1.0], [3.0, 1.0, -1.0]]
+    T = 2.0
+
+    def softmax(z):
+        e = [math.exp(v / T) for v in z]
+        return [v / sum(e) for v in e]
+
+    kls = []
+    for s, t in zip(z_s, z_t):
+        p, q = softmax(t), softmax(s)
+        kls.append(sum(pv * math.log(pv / qv) for pv, qv in zip(p, q)))
+    expected = T**2 * (kls[0] + kls[1]) / 2
+    got = token_kl(torch.tensor([z_s]), torch.tensor([z_t]), T)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # the mask leaves out the second token
+    assert token_kl(torch.tensor([z_s]), torch.tensor([z_t]), T, torch.tensor([[1, 0]])).item() == \
+        pytest.approx(T**2 * kls[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_lm_distill_loss_is_zero_when_student_is_teacher(llama, temperature):
+    from vlmprune.structured.distill import DistillSettings, _lm_forward, layer_map, lm_distill_loss
+
+    model, _, batch = llama
+    student = copy.deepcopy(model)
+    settings = DistillSettings(temperature=temperature, feature_weight=1.0)
+    assert layer_map(student, model) == [0, 1]
+    loss = lm_distill_loss(_lm_forward(student, batch), _lm_forward(model, batch), [0, 1], batch["attention_mask"],
+                           settings)
+    assert loss.item() == pytest.approx(0, abs=1e-6)
+
+
+def test_features_are_matched_to_the_teacher_layer_each_kept_layer_came_from(llama):
+    """The student keeps one layer with its own weights. Keeping layer 0, its output is the teacher's layer-0
+    output, so the feature term is 0 under the right mapping while the logits differ; keeping layer 1, it is the
+    relative MSE against the teacher's layer-1 output (taken here with a hook), not layer 0's."""
+    from vlmprune.structured.distill import DistillSettings, _lm_forward, layer_map, lm_distill_loss
+    from vlmprune.structured.surgery import tag_parent_indices
+    from vlmprune.structured.towers import layer_output
+
+    model, _, batch = llama
+    features = DistillSettings(feature_weight=1.0, logit_weight=0.0)
+    logits_only = DistillSettings(feature_weight=0.0, logit_weight=1.0)
+    captured = []
+    hook = model.model.layers[1].register_forward_hook(lambda m, args, out: captured.append(layer_output(out)))
+    teacher_out = _lm_forward(model, batch)
+    hook.remove()
+    for kept in (0, 1):
+        student = copy.deepcopy(model)
+        tag_parent_indices(tower(student))
+        keep_layers(tower(student), [kept])
+        mapping = layer_map(student, model)
+        assert mapping == [kept]
+        student_out = _lm_forward(student, batch)
+        feature = lm_distill_loss(student_out, teacher_out, mapping, batch["attention_mask"], features).item()
+        if kept == 0:
+            assert feature == pytest.approx(0, abs=1e-10)
+        else:
+            # relative MSE: mean squared difference over the teacher's mean square
+            expected = ((student_out[1][0] - captured[0]) ** 2).mean().item() / (captured[0] ** 2).mean().item()
+            assert feature == pytest.approx(expected, rel=1e-5)
+            other = teacher_out[1][0]
+            wrong = ((student_out[1][0] - other) ** 2).mean().item() / (other**2).mean().item()
+            assert feature > 0 and abs(feature - wrong) > 1e-3 * wrong
+        assert lm_distill_loss(student_out, teacher_out, mapping, batch["attention_mask"], logits_only).item() > 1e-6
+
+
+@pytest.fixture(scope="module")
+def sharp(llama):
+    """The tiny LLaMA with its weights (not the norms) scaled by 8: at the default init its next-token
+    distributions are nearly uniform (teacher-student KL ~1e-3), too flat to learn anything from."""
+    model = copy.deepcopy(llama[0])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8)
+    return model
+
+
+def test_lm_distillation_loss_falls_and_all_weights_train(sharp):
+    from vlmprune.structured.distill import DistillSettings, distill
+
+    model = sharp
+    student = _pruned(model)
+    before = copy.deepcopy(student.state_dict())
+    settings = DistillSettings(steps=30, lr=3e-3, batch_size=4, eval_every=5, patience=3, val_fraction=0.25)
+    history = distill(student, model, _windows(16), ["language"], settings, progress=False)
+    vals = [h["val_loss"] for h in history["history"]]
+    train = [h["train_loss"] for h in history["history"][1:]]
+    assert history["best_val_loss"] < 0.9 * history["initial_val_loss"]  # held-out windows of random tokens
+    assert history["best_val_loss"] == min(vals) and train[-1] < train[0]
+    after = student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # embeddings (tied LM head), norms and every kept projection moved
+    assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed
+    assert {k for k in before if k.startswith("model.layers.")} <= changed
+    assert all(p.requires_grad for p in student.parameters()) and all(p.requires_grad for p in model.parameters())
+
+
+def test_lm_distillation_stops_early_and_restores_the_best_weights(sharp):
+    """An absurd learning rate makes every validation worse than the start: training stops after ``patience``
+    validations without improvement, and the initial (best) weights come back."""
+    from vlmprune.structured.distill import DistillSettings, distill
+
+    model = sharp
+    student = _pruned(model)
+    before = copy.deepcopy(student.state_dict())
+    settings = DistillSettings(steps=50, lr=1.0, batch_size=4, eval_every=2, patience=2, val_fraction=0.25)
+    history = distill(student, model, _windows(12), ["language"], settings, progress=False)
+    assert history["best_step"] == 0
+    assert history["steps_run"] == history["best_step"] + settings.patience * settings.eval_every < settings.steps
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_distilled_student_saves_and_loads_back_with_the_same_logits(llama, sharp, tmp_path):
+    from vlmprune.structured.distill import DistillSettings, distill
+    from vlmprune.structured.persist import load_structured_causal_lm
+
+    _, tokenizer, batch = llama
+    model = sharp
+    student = _pruned(model)
+    history = distill(student, model, _windows(12), ["language"],
+                      DistillSettings(steps=6, lr=3e-3, batch_size=4, eval_every=3), progress=False)
+    assert history["best_step"] > 0
+    record_structure(student)
+    save_tiny(student, tokenizer, tmp_path / "distilled")
+    loaded = load_structured_causal_lm(tmp_path / "distilled")
+    torch.testing.assert_close(logits(loaded, batch), logits(student, batch))
+    assert not torch.allclose(logits(loaded, batch), logits(_pruned(model), batch))  # the trained weights were saved
+
+
+def test_prune_stage_with_distillation_runs_end_to_end_and_reloads(upstream):
+    """pruning.method mope with structured.distill.enabled on the tiny LLaMA: the saved student reloads and its
+    validation loss against the dense teacher, recomputed on the same windows, is the best one the stage reported."""
+    from flows.pipeline import TASKS
+    from tasks.io import data_spec
+    from tasks.structured import prune_structured
+    from vlmprune.structured.distill import DistillSettings, validation_loss
+    from vlmprune.structured.persist import load_structured_causal_lm
+
+    model_dir, artifacts, corpus = upstream
+    params = _params(model_dir, artifacts, corpus, "mope")
+    distill_params = {"enabled": True, "n_samples": 12, "steps": 8, "batch_size": 4, "eval_every": 2, "lr": 1e-3}
+    params = params.model_copy(update={"structured": params.structured.model_copy(
+        update={"distill": params.structured.distill.model_copy(update=distill_params)})})
+    out = artifacts / "prune"
+    prune_structured(params)
+    info = json.loads((out / "structure.json").read_text())
+    recovery = info["distillation"]
+    assert recovery["steps_run"] >= 2 and recovery["best_val_loss"] < recovery["initial_val_loss"]
+    assert info["params_after"] < info["params_before"]
+    student = load_structured_causal_lm(out / "model")
+    assert count_parameters(student) == info["params_after"]
+    adapter = CausalLMAdapter()
+    teacher = adapter.load(str(model_dir), torch.float32, "cpu")
+    data = adapter.make_calibration(teacher, data_spec(params), 12, params.structured.distill.seed)
+    data = {k: v for k, v in data.items() if k != "index"}
+    d = params.structured.distill
+    settings = DistillSettings(**d.model_dump(exclude={"enabled", "n_samples"}))
+    assert validation_loss(student, teacher.model, data, settings) == pytest.approx(recovery["best_val_loss"], rel=1e-4)
+    TASKS["evaluate"].fn(params)
+    metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
+    assert math.isfinite(metrics["pruned"]["perplexity"])
