@@ -1,20 +1,45 @@
-"""Policy search vs uniform, OWL and ECoFLaP on the default dual encoder, at one overall sparsity.
+"""Policy search vs uniform, OWL and ECoFLaP at one overall sparsity (dual encoder or vision LM).
 
-Held-out accuracy (the evaluate stage's metric: held-out digits, evaluation-only prompt templates,
-never seen by the search) of Wanda-pruned models whose allocation comes from uniform, OWL, ECoFLaP
-(zeroth-order scores) and the policy search with 16 / 64 / 256 search samples, with and without
-the SRM penalty. Search samples come from the training split (``allocation.search.sample_seed``);
-the smaller sets are nested random subsets of the largest. Every pruned model here (baselines
-included) is pruned with the same first ``--calibration-samples`` calibration samples, from the
-dense weights, by :class:`vlmprune.search.CandidatePruner`.
+Held-out accuracy (the evaluate stage's metric, on held-out images never seen by the search) of
+Wanda-pruned models whose allocation comes from uniform, OWL, ECoFLaP (zeroth-order scores) and the
+policy search with 16 / 64 / 256 search samples, with and without the SRM penalty.
 
-To afford six searches on a small CPU, candidates are pruned once and their per-sample search
-correctness cached: searches that meet the same policy (all share round 0) reuse it. ``cost s``
+Models: the default dual encoder (``--params params.yaml``; held-out metric ``zero_shot_accuracy``,
+evaluation-only prompt templates) or an image-to-text model such as the offline LLaVA-style
+``vision_lm`` (``--params params/presets/vision_lm.yaml -S model.id=...``; held-out metrics
+``vqa_accuracy`` and ``answer_loss``), which needs ``--objective loss``.
+
+Per-sample values (what the cache below keeps, so that any subset of the search samples can be
+scored without pruning again):
+
+- dual encoder, ``accuracy`` / ``probability``: :data:`vlmprune.search.objective.ACCURACY_HOOKS`.
+- image-to-text, ``loss``: sample i's answer loss l_i = mean over its answer tokens (+ EOS) of the
+  next-token cross-entropy (teacher forcing), objective = -mean_i l_i over the subset. This equals
+  ``make_objective(..., "loss")`` (minus the token-weighted loss of each batch, averaged over
+  batches by size) whenever every sample has the same number of answer tokens, as on digits (one
+  digit + EOS); otherwise it weights samples equally. The SRM value range R is the dense model's
+  -objective on the subset, as in ``make_objective``. ``search acc`` is then the teacher-forced
+  exact match: 1 when every answer token (EOS included) is the argmax; such an answer is exactly
+  what greedy decoding produces, so it is a lower bound of the evaluate stage's ``vqa_accuracy``
+  on the same images (which also accepts e.g. "3." for "3").
+
+Search samples come from the training split (``allocation.search.sample_seed``); the smaller sets
+are nested random subsets of the largest. Every pruned model here (baselines included) is pruned
+with the same first ``--calibration-samples`` calibration samples, from the dense weights, by
+:class:`vlmprune.search.CandidatePruner`.
+
+To afford six searches on a small CPU, candidates are pruned once and their per-sample values
+cached: searches that meet the same policy (all share round 0) reuse it. ``cost s``
 is what each search would have taken alone (the sum of its candidates' prune + score times, scoring
 always on the largest sample set here);
 ``new`` how many candidates it pruned itself.
 
     python -m benchmarks.search [--sparsity 0.6] [--sizes 16 64 256] [--rounds 2] [--population 6]
+    python -m benchmarks.search --params params/presets/vision_lm.yaml -S model.id=DIR -S artifacts=DIR \
+        --objective loss --sparsity 0.4 --reuse DIR [--trial]
+
+``--trial``: the uniform and ECoFLaP allocations on the search samples only (no held-out
+evaluation, no search): a cheap way to pick the sparsity.
 """
 
 from __future__ import annotations
@@ -37,6 +62,7 @@ from tasks.common import calibration_batches
 from tasks.io import data_spec, load_model, read_json, resolve_device
 from tasks.prune import make_pruner
 from vlmprune.adapters import LoadedModel
+from vlmprune.adapters.causal_lm import lm_loss
 from vlmprune.allocators import ALLOCATORS, GroupInfo
 from vlmprune.search import CandidatePruner, PolicySpace, SearchConfig, evolve
 from vlmprune.search.objective import ACCURACY_HOOKS
@@ -59,11 +85,16 @@ class Options:
     overrides: list[str] = field(default_factory=list)
     reuse: str | None = "artifacts"
     out: str = "benchmarks/results"
+    trial: bool = False
 
-    def command(self) -> str:
+    def command(self, with_params: bool = True) -> str:
+        """The stand-alone command; ``with_params=False`` leaves out ``--params`` and the ``-S`` overrides."""
+        extra = "" if self.params == "params.yaml" or not with_params else f" --params {self.params}"
+        extra += "".join(f" -S {o}" for o in self.overrides) if with_params else ""
         return (f"python -m benchmarks.search --sparsity {self.sparsity} --sizes {' '.join(map(str, self.sizes))} "
                 f"--rounds {self.rounds} --population {self.population} --granularity {self.granularity} "
-                f"--calibration-samples {self.calibration_samples} --objective {self.objective}")
+                f"--calibration-samples {self.calibration_samples} --objective {self.objective}{extra}"
+                f"{' --trial' if self.trial else ''}")
 
 
 def main() -> None:
@@ -75,13 +106,56 @@ def main() -> None:
     parser.add_argument("--granularity", default="4")
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--objective", choices=["accuracy", "probability"], default="accuracy")
+    parser.add_argument("--objective", choices=["accuracy", "probability", "loss"], default="accuracy")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--reuse", default="artifacts", help="reuse calibrate/ and score/ from this artifacts "
-                                                              "directory when present (same params.yaml)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override, as for vlmprune (repeatable)")
+    parser.add_argument("--reuse", default=None, help="reuse calibrate/ (and score/ when it holds zeroth-order "
+                                                      "scores) from this artifacts directory, made with the same "
+                                                      "params (default: artifacts, with --params params.yaml only)")
+    parser.add_argument("--trial", action="store_true", help="uniform and ECoFLaP on the search samples only")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.reuse is None and args.params == "params.yaml":
+        args.reuse = "artifacts"
     run(Options(**vars(args)))
+
+
+def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batch_size: int, device: str):
+    """``values(model) -> {"objective": (n,), "accuracy": (n,)}`` on the search samples (see the module
+    docstring): the objective per sample (higher is better) and the per-sample accuracy reported as
+    ``search acc``."""
+    if objective in ("accuracy", "probability"):
+        hook = ACCURACY_HOOKS.get(adapter.family)
+        if hook is None:
+            raise ValueError(f"objective {objective!r} is built for: {', '.join(ACCURACY_HOOKS)} (model family "
+                             f"{adapter.family!r}); use --objective loss")
+        correct = hook(loaded, spec, samples, 64, device, probability=objective == "probability")
+
+        def values(model):
+            v = correct(model)
+            return {"objective": v, "accuracy": v}
+
+        return values
+    if "labels" not in samples or not hasattr(adapter, "_run_full"):
+        raise NotImplementedError(f"--objective loss needs per-sample answer losses; built for the image-to-text "
+                                  f"families only (model family {adapter.family!r})")
+    n = len(samples["labels"])
+
+    @torch.no_grad()
+    def answer_values(model):
+        losses, exact = [], []
+        for s in range(0, n, batch_size):
+            batch = {k: v[s:s + batch_size].to(device) for k, v in samples.items()}
+            logits = adapter._run_full(model, batch).logits
+            scored = batch["labels"][:, 1:] != -100
+            nll = lm_loss(logits, batch["labels"], reduction="none")  # 0 where unscored
+            losses.append((nll.sum(1) / scored.sum(1).clamp(min=1)).cpu())
+            hit = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) | ~scored
+            exact.append(hit.all(1).float().cpu())
+        return {"objective": -torch.cat(losses), "accuracy": torch.cat(exact)}
+
+    return answer_values
 
 
 def run(args: Options) -> list[dict]:
@@ -98,12 +172,14 @@ def run(args: Options) -> list[dict]:
     if not (Path(params.model.id) / "config.json").exists():
         TASKS["prepare"].fn(params)
     reuse = Path(args.reuse) if args.reuse else None
-    if reuse is not None and (reuse / "calibrate").exists() and (reuse / "score" / "scores.json").exists():
-        # the repository's own calibrate and (zeroth-order) score outputs for the same params.yaml
+    if reuse is not None and (reuse / "calibrate").exists():  # made with the same params
         shutil.copytree(reuse / "calibrate", tmp / "calibrate")
-        shutil.copytree(reuse / "score", tmp / "zeroth")
     else:
         TASKS["calibrate"].fn(params)
+    if reuse is not None and (reuse / "score" / "scores.json").exists() \
+            and read_json(reuse / "score" / "meta.json").get("method") == "zeroth_order":
+        shutil.copytree(reuse / "score", tmp / "zeroth")
+    else:
         TASKS["score"].fn(params)
         shutil.move(tmp / "score", tmp / "zeroth")
     TASKS["score"].fn(load_params(args.params, [*args.overrides, *common, "scoring.method=none",
@@ -112,14 +188,17 @@ def run(args: Options) -> list[dict]:
     scores = read_json(tmp / "zeroth" / "scores.json")
     groups = [GroupInfo(g["name"], g["tower"], g["n_params"], g["score"], ratios[g["name"]]) for g in scores["groups"]]
     layers = {g["name"]: list(g["layers"]) for g in scores["groups"]}
+    tower_names = list(dict.fromkeys(g.tower for g in groups))
 
     device = resolve_device(params.model.device)
     spec = data_spec(params)
     adapter, loaded = load_model(params)
-    dense_held = adapter.evaluate(loaded, spec, params.evaluation.batch_size, None, device)[0]["zero_shot_accuracy"]
+    label = "the default dual encoder" if adapter.family == "dual_encoder" else f"the {adapter.family} model"
+    held_metric = "zero_shot_accuracy" if adapter.family == "dual_encoder" else "vqa_accuracy"
+    loss_objective = args.objective == "loss"
     samples = adapter.make_calibration(loaded, spec, max(args.sizes), params.allocation.search.sample_seed)
-    correct = ACCURACY_HOOKS["dual_encoder"](loaded, spec, samples, 64, device,
-                                             probability=args.objective == "probability")
+    values_of = per_sample_values(adapter, loaded, spec, samples, args.objective,
+                                  params.allocation.search.batch_size, device)
     towers = adapter.towers(loaded.model)
     worker = CandidatePruner(loaded.model, towers, model_layout(loaded.model, towers),
                              calibration_batches(params, params.calibration.batch_size, args.calibration_samples),
@@ -129,8 +208,8 @@ def run(args: Options) -> list[dict]:
     space = PolicySpace(groups, args.sparsity, granularity, tuple(params.allocation.search.bases),
                         params.allocation.search.step, params.allocation.s_max)
 
-    cache: dict[tuple, tuple[torch.Tensor, float]] = {}
-    held_cache: dict[tuple, float] = {}
+    cache: dict[tuple, tuple[dict[str, torch.Tensor], float]] = {}
+    held_cache: dict[tuple, dict[str, float]] = {}
 
     def key(sparsity):
         return tuple(round(g.n_params * sparsity[g.name]) for g in groups)
@@ -143,28 +222,47 @@ def run(args: Options) -> list[dict]:
         if k not in cache:
             t = time.perf_counter()
             prune(sparsity)
-            cache[k] = (correct(loaded.model), time.perf_counter() - t)
+            cache[k] = (values_of(loaded.model), time.perf_counter() - t)
             worker.restore()
         return cache[k]
 
-    def held_out(sparsity):
-        k = key(sparsity)
+    def held_out(sparsity=None):
+        k = key(sparsity) if sparsity is not None else None
         if k not in held_cache:
-            prune(sparsity)
+            if sparsity is not None:
+                prune(sparsity)
             held_cache[k] = adapter.evaluate(LoadedModel(loaded.model, loaded.processor), spec,
-                                             params.evaluation.batch_size, None, device)[0]["zero_shot_accuracy"]
+                                             params.evaluation.batch_size, params.evaluation.max_samples,
+                                             device)[0]
             worker.restore()
         return held_cache[k]
 
+    def measures(values, held, n):
+        """The row's search-set and held-out columns; ``values``: per-sample values of the allocation."""
+        subset = subsets[n]
+        out = {"search acc": float(values["accuracy"][subset].mean())}
+        if held is not None:
+            out.update({"held-out acc": held[held_metric], "gap": out["search acc"] - held[held_metric]})
+        if loss_objective:
+            out["search loss"] = -float(values["objective"][subset].mean())
+            if held is not None:
+                out.update({"held-out loss": held["answer_loss"],
+                            "loss gap": held["answer_loss"] - out["search loss"]})
+        return out
+
     def towers_of(sparsity):
         out = {}
-        for tower in ("vision", "text"):
+        for tower in tower_names:
             members = [g for g in groups if g.tower == tower]
             out[tower] = sum(g.n_params * sparsity[g.name] for g in members) / sum(g.n_params for g in members)
         out["overall"] = sum(g.n_params * sparsity[g.name] for g in groups) / sum(g.n_params for g in groups)
         return out
 
-    rows = [{"method": "dense", "held-out acc": dense_held}]
+    ref = 64 if 64 in args.sizes else max(args.sizes)
+    dense_values = values_of(loaded.model)
+    dense_held = None if args.trial else held_out()
+    rows = [{"method": "dense", "n": ref, **measures(dense_values, dense_held, ref)}]
+    print(json.dumps(rows[-1]), flush=True)
     log = []
     baselines = {
         "uniform": ALLOCATORS.get("uniform")(groups, args.sparsity),
@@ -172,16 +270,27 @@ def run(args: Options) -> list[dict]:
                                      weighted=params.allocation.owl.weighted),
         "ecoflap (zeroth)": ALLOCATORS.get("ecoflap")(groups, args.sparsity, s_max=params.allocation.s_max),
     }
-    ref = 64 if 64 in args.sizes else max(args.sizes)
+    if args.trial:
+        baselines.pop("owl")
+    stem = "search" if adapter.family == "dual_encoder" else f"search_{adapter.family}"
+    suffix = "" if args.objective in ("accuracy", "loss") else "_" + args.objective
+    text_path = Path(args.out) / f"{stem}{'_trial' if args.trial else ''}{suffix}.md"
+    context = (args, label, tower_names, space, evaluations, started)
     for name, sparsity in baselines.items():
-        search_acc = float(per_sample(sparsity)[0][subsets[ref]].mean())
-        held = held_out(sparsity)
-        rows.append({"method": name, "n": ref, **towers_of(sparsity), "search acc": search_acc,
-                     "held-out acc": held, "gap": search_acc - held})
+        values, seconds = per_sample(sparsity)
+        rows.append({"method": name, "n": ref, **towers_of(sparsity),
+                     **measures(values, None if args.trial else held_out(sparsity), ref)})
+        if args.trial:
+            rows[-1]["cost s"] = seconds
         print(json.dumps(rows[-1]), flush=True)
+    if args.trial:
+        write(text_path, *context, rows)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return rows
 
-    text_path = Path(args.out) / f"search{'' if args.objective == 'accuracy' else '_' + args.objective}.md"
     for n in args.sizes:
+        # SRM value range R: 1 for accuracies/probabilities; the dense loss on the subset for the loss
+        value_range = -float(dense_values["objective"][subsets[n]].mean()) if loss_objective else 1.0
         for penalty in (True, False):
             before, t = len(cache), time.perf_counter()
             cost = 0.0
@@ -192,33 +301,34 @@ def run(args: Options) -> list[dict]:
                 for p in policies:
                     values, seconds = per_sample(p)
                     cost += seconds
-                    out.append(float(values[subsets[n]].mean()))
+                    out.append(float(values["objective"][subsets[n]].mean()))
                 return out
 
             config = SearchConfig(rounds=args.rounds, population=args.population, max_evaluations=evaluations,
                                   penalty=penalty, seed=args.seed)
-            result = evolve(space, evaluate_many, n, config, 1.0, progress=True)
+            result = evolve(space, evaluate_many, n, config, max(value_range, 1e-6), progress=True)
             best = result.best
-            held = held_out(best.sparsity)
             rows.append({"method": f"search ({'penalty' if penalty else 'no penalty'})", "n": n,
-                         **towers_of(best.sparsity), "search acc": best.objective, "held-out acc": held,
-                         "gap": best.objective - held, "penalty": best.penalty,
-                         "chosen": f"{best.policy.base} {list(best.policy.q)}", "new": len(cache) - before,
-                         "cost s": cost, "wall s": time.perf_counter() - t})
+                         **towers_of(best.sparsity), **measures(per_sample(best.sparsity)[0], held_out(best.sparsity), n),
+                         "penalty": best.penalty, "chosen": f"{best.policy.base} {list(best.policy.q)}",
+                         "new": len(cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
             log.append([{"index": c.index, "round": c.round, "policy": c.policy.label(), "objective": c.objective,
                          "penalty": c.penalty} for c in result.candidates])
             print(json.dumps(rows[-1]), flush=True)
-            write(text_path, args, rows, space, evaluations, started)
-    write(text_path, args, rows, space, evaluations, started)
-    (Path(args.out) / "search_candidates.json").write_text(json.dumps(log, indent=1) + "\n")
+            write(text_path, *context, rows)
+    write(text_path, *context, rows)
+    candidates = "search_candidates.json" if stem == "search" else f"{stem}_candidates.json"
+    (Path(args.out) / candidates).write_text(json.dumps(log, indent=1) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
-def write(path: Path, args, rows, space, evaluations, started) -> None:
-    columns = ["method", "n", "vision", "text", "overall", "search acc", "held-out acc", "gap", "penalty",
-               "chosen", "new", "cost s", "wall s"]
-    text = (f"{describe(args, space, evaluations)}\n"
+def write(path: Path, args, label, tower_names, space, evaluations, started, rows) -> None:
+    columns = ["method", "n", *tower_names, "overall", "search acc", "held-out acc", "gap"]
+    if args.objective == "loss":
+        columns += ["search loss", "held-out loss", "loss gap"]
+    columns += ["penalty", "chosen", "new", "cost s", "wall s"]
+    text = (f"{describe(args, label, space, evaluations)}\n"
             f"Machine: {machine()} (shared with other jobs during the run: wall times are noisy upper bounds).\n"
             f"Command: {args.command()}\n"
             f"Total wall time so far: {time.perf_counter() - started:.0f} s.\n\n"
@@ -228,12 +338,18 @@ def write(path: Path, args, rows, space, evaluations, started) -> None:
     Path(path).write_text(text)
 
 
-def describe(args: Options, space, evaluations: int) -> str:
-    return (f"Policy search on the default dual encoder at {args.sparsity:.0%} overall sparsity, Wanda, both towers.\n"
-            f"`search acc`: the search objective ({args.objective}) on the search samples (training split, training "
-            f"prompt templates);\n"
-            f"`held-out acc`: the evaluate stage's zero-shot accuracy (held-out digits, evaluation-only templates);\n"
-            f"`gap` = search acc - held-out acc (the template change is part of it, equally for every row).\n"
+def describe(args: Options, label: str, space, evaluations: int) -> str:
+    if args.objective == "loss":
+        search = ("`search acc`: teacher-forced exact match on the search samples (training split), `search loss` "
+                  "their answer loss (the objective is minus it);\n`held-out acc` / `held-out loss`: the evaluate "
+                  "stage's vqa_accuracy (greedy answers) / answer_loss on held-out images;\n`gap` = search acc - "
+                  "held-out acc, `loss gap` = held-out loss - search loss.\n")
+    else:
+        search = (f"`search acc`: the search objective ({args.objective}) on the search samples (training split, "
+                  f"training prompt templates);\n`held-out acc`: the evaluate stage's zero-shot accuracy (held-out "
+                  f"digits, evaluation-only templates);\n`gap` = search acc - held-out acc (the template change is "
+                  f"part of it, equally for every row).\n")
+    return (f"Policy search on {label} at {args.sparsity:.0%} overall sparsity, Wanda, every tower.\n{search}"
             f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
             f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
             f"SRM penalty delta 0.05. Every model pruned with the first {args.calibration_samples} calibration "
@@ -282,7 +398,7 @@ def suite(profile: str, out: str, model: str | None = None, params: str | None =
              "candidates a search pruned itself (the others were cached from an earlier search); `cost s`: what the "
              f"search would have taken alone. {rounds} rounds x {population} candidates, components of "
              f"{granularity} blocks, every model pruned with {calibration_samples} calibration samples. "
-             f"Equivalent stand-alone command: `{options.command()}`."), "",
+             f"Equivalent stand-alone command: `{options.command(with_params=False)}`."), "",
              "Searches against ECoFLaP, their starting allocation:", "", *verdicts(rows)]
     return SuiteResult(name="search", title="", rows=rows, metric="held-out acc", higher_is_better=True,
                        columns=COLUMNS, dense={"method": "dense", "held-out acc": dense["held-out acc"]},

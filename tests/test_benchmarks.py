@@ -404,6 +404,41 @@ def test_search_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, 
     assert (tmp_path / "search" / "search_probability.md").exists()
 
 
+
+def test_search_benchmark_on_a_tiny_vision_lm_scores_the_answer_loss(tmp_path, small_threads):
+    import torch
+
+    from benchmarks.search import Options, run
+    from tasks.io import data_spec
+    from tests.tiny import build_tiny_vision_lm, family_params
+    from vlmprune.adapters.base import LoadedModel
+    from vlmprune.adapters.vision_lm import VisionLMAdapter
+    from vlmprune.search.objective import make_objective
+
+    model, tokenizer = build_tiny_vision_lm()
+    VisionLMAdapter().save(LoadedModel(model, tokenizer), tmp_path / "vlm")
+    params = family_params(tmp_path / "vlm", tmp_path / "unused", {"name": "digits"}, evaluation={"max_samples": 8})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    rows = run(Options(sparsity=0.4, sizes=[4, 8], rounds=1, population=2, granularity="tower",
+                       calibration_samples=4, objective="loss", params=str(tmp_path / "params.yaml"),
+                       reuse=None, out=str(tmp_path / "out")))
+    assert [(r["method"], r["n"]) for r in rows] == [
+        ("dense", 8), ("uniform", 8), ("owl", 8), ("ecoflap (zeroth)", 8), ("search (penalty)", 4),
+        ("search (no penalty)", 4), ("search (penalty)", 8), ("search (no penalty)", 8)]
+    assert all(r["overall"] == pytest.approx(0.4, abs=0.01) for r in rows[1:])
+    assert all(r["gap"] == pytest.approx(r["search acc"] - r["held-out acc"]) for r in rows)
+    assert all(r["loss gap"] == pytest.approx(r["held-out loss"] - r["search loss"]) for r in rows)
+    assert all(0 <= r["search acc"] <= 1 and r["search loss"] > 0 for r in rows)
+    # the cached per-sample answer losses average to make_objective's loss (adapter.loss, batch by batch):
+    # every digit answer is one token + EOS, so per-sample and per-token means agree
+    adapter, loaded = VisionLMAdapter(), VisionLMAdapter().load(str(tmp_path / "vlm"), torch.float32, "cpu")
+    spec = data_spec(params)
+    samples = adapter.make_calibration(loaded, spec, 8, params.allocation.search.sample_seed)
+    objective, value_range = make_objective(adapter, loaded, spec, samples, "loss", 3, "cpu")
+    assert rows[0]["search loss"] == pytest.approx(-objective(loaded.model), rel=1e-5) == pytest.approx(value_range)
+    assert (tmp_path / "out" / "search_vision_lm.md").exists()
+    assert (tmp_path / "out" / "search_vision_lm_candidates.json").exists()
+
 def test_tokens_suite_on_a_tiny_llava(tmp_path, small_threads):
     data = run_script(SCRIPT_SUITES["tokens"], "tiny", str(tmp_path), {
         "tiny_llava": True, "router_steps": 3, "train_samples": 8, "eval_samples": 8, "token_ratios": [1.0, 0.5],
