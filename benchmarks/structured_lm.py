@@ -67,32 +67,28 @@ class CachedScores:
 
     def __init__(self, scorer, dense_tower):
         self.scorer, self.tower, self.cost = scorer, dense_tower, scorer.cost
-        self._heads = self._width = self._layers = None
+        self._cache: dict = {}
         self.seconds = {"width": 0.0, "layers": 0.0}
 
     def refresh(self) -> None:  # only used on unpruned (depth-only) copies
         pass
 
-    def heads(self, tower):
-        if self._heads is None:
+    def _timed_once(self, name: str, clock: str, score):
+        """``score()`` on the first call for ``name``, its time added to ``seconds[clock]``; the cached result after."""
+        if name not in self._cache:
             start = time.perf_counter()
-            self._heads = self.scorer.heads(self.tower)
-            self.seconds["width"] += time.perf_counter() - start
-        return self._heads
+            self._cache[name] = score()
+            self.seconds[clock] += time.perf_counter() - start
+        return self._cache[name]
+
+    def heads(self, tower):
+        return self._timed_once("heads", "width", lambda: self.scorer.heads(self.tower))
 
     def width(self, tower, groups):
-        if self._width is None:
-            start = time.perf_counter()
-            self._width = self.scorer.width(self.tower, groups)
-            self.seconds["width"] += time.perf_counter() - start
-        return self._width
+        return self._timed_once("width", "width", lambda: self.scorer.width(self.tower, groups))
 
     def layers(self, tower):
-        if self._layers is None:
-            start = time.perf_counter()
-            self._layers = self.scorer.layers(self.tower)
-            self.seconds["layers"] += time.perf_counter() - start
-        return self._layers
+        return self._timed_once("layers", "layers", lambda: self.scorer.layers(self.tower))
 
 
 @torch.no_grad()

@@ -107,24 +107,27 @@ class MoPEScorer:
 
     @torch.no_grad()
     def _run(self, tower: StructuredTower, start: int, copies: int, skip: int | None = None) -> torch.Tensor:
-        """Embeddings (copies, N, d) from layer ``start`` on, from the cached inputs."""
+        """What ``copies`` candidates give (:meth:`_finish`), running layers ``start``.. (all but ``skip``)
+        from the cached inputs of layer ``start``, the batch repeated candidate-major."""
         layers = list(tower.layers)
         x = None
         for i in range(start, len(layers)):
             args, kwargs = self._inputs[tower.name][i]
-            args = [_repeat(a, self.n, copies) for a in args]
-            kwargs = {k: _repeat(v, self.n, copies) for k, v in kwargs.items()}
             if x is None:
-                x = args[0]
+                x = _repeat(args[0], self.n, copies)
             if i == skip:
                 continue
-            x = layer_output(layers[i](x, *args[1:], **kwargs))
-        batch = {k: _repeat(v, self.n, copies) for k, v in self.batch.items()}
-        emb = tower.tail(x, batch)
+            kwargs = {k: _repeat(v, self.n, copies) for k, v in kwargs.items()}
+            x = layer_output(layers[i](x, *[_repeat(a, self.n, copies) for a in args[1:]], **kwargs))
         self.cost["forward_calls"] += 1
         self.cost["candidates"] += copies
         self.cost["full_forward_equivalents"] += copies * (len(layers) - start - (skip is not None)) / len(layers)
-        return emb.view(copies, self.n, -1)
+        return self._finish(tower, x, copies)
+
+    def _finish(self, tower: StructuredTower, x: torch.Tensor, copies: int) -> torch.Tensor:
+        """Embeddings (copies, N, d) from the last layer's output ``x`` (copies * N, ...)."""
+        batch = {k: _repeat(v, self.n, copies) for k, v in self.batch.items()}
+        return tower.tail(x, batch).view(copies, self.n, -1)
 
     def _masked(self, tower: StructuredTower, layer: int, module: nn.Module, masks: torch.Tensor):
         """(MoPE, loss rise) of each row of ``masks`` (C, channels) applied to the input of ``module``."""

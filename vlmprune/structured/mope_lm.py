@@ -60,12 +60,13 @@ class LMMoPEScorer(MoPEScorer):
             for h in hooks:
                 h.remove()
         self._inputs = {tower.name: captured}
-        self.dense_loss = float(self._losses(tower, last["x"], 1)[0])
+        self.dense_loss = float(self._finish(tower, last["x"], 1)[0])
         self.cost["forward_calls"] += 1
         self.cost["full_forward_equivalents"] += 1.0
 
-    def _losses(self, tower: StructuredTower, x: torch.Tensor, copies: int) -> torch.Tensor:
-        """Mean next-token loss of each candidate; ``x``: (copies * N, T, hidden), candidate-major."""
+    def _finish(self, tower: StructuredTower, x: torch.Tensor, copies: int) -> torch.Tensor:
+        """Mean next-token loss of each candidate (the replay loop is :meth:`MoPEScorer._run`); ``x``: the last
+        layer's output (copies * N, T, hidden), candidate-major."""
         labels = _repeat(self.batch["labels"], self.n, copies).to(x.device)
         total = torch.zeros(len(x), dtype=torch.float64)
         for s in range(0, len(x), self.head_rows):
@@ -74,24 +75,6 @@ class LMMoPEScorer(MoPEScorer):
             total[s:s + self.head_rows] = token_loss.sum(1).double().cpu()
         tokens = (labels[:, 1:] != -100).sum(1).double().cpu().view(copies, self.n).sum(1)
         return (total.view(copies, self.n).sum(1) / tokens.clamp(min=1)).float()
-
-    @torch.no_grad()
-    def _run(self, tower: StructuredTower, start: int, copies: int, skip: int | None = None) -> torch.Tensor:
-        """Loss of each of ``copies`` candidates, running layers ``start``.. from the cached inputs."""
-        layers = list(tower.layers)
-        x = None
-        for i in range(start, len(layers)):
-            args, kwargs = self._inputs[tower.name][i]
-            if x is None:
-                x = _repeat(args[0], self.n, copies)
-            if i == skip:
-                continue
-            kwargs = {k: _repeat(v, self.n, copies) for k, v in kwargs.items()}
-            x = layer_output(layers[i](x, *[_repeat(a, self.n, copies) for a in args[1:]], **kwargs))
-        self.cost["forward_calls"] += 1
-        self.cost["candidates"] += copies
-        self.cost["full_forward_equivalents"] += copies * (len(layers) - start - (skip is not None)) / len(layers)
-        return self._losses(tower, x, copies)
 
     def _masked(self, tower: StructuredTower, layer: int, module: nn.Module, masks: torch.Tensor):
         """(MoPE, MoPE) of each row of ``masks`` (C, channels) applied to the input of ``module``."""
