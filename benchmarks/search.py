@@ -137,7 +137,7 @@ def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batc
             return {"objective": v, "accuracy": v}
 
         return values
-    if "labels" not in samples or not hasattr(adapter, "_run_full"):
+    if "labels" not in samples or not hasattr(adapter, "run_full"):
         raise NotImplementedError(f"--objective loss needs per-sample answer losses; built for the image-to-text "
                                   f"families only (model family {adapter.family!r})")
     n = len(samples["labels"])
@@ -147,7 +147,7 @@ def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batc
         losses, exact = [], []
         for s in range(0, n, batch_size):
             batch = {k: v[s:s + batch_size].to(device) for k, v in samples.items()}
-            logits = adapter._run_full(model, batch).logits
+            logits = adapter.run_full(model, batch).logits
             scored = batch["labels"][:, 1:] != -100
             nll = lm_loss(logits, batch["labels"], reduction="none")  # 0 where unscored
             losses.append((nll.sum(1) / scored.sum(1).clamp(min=1)).cpu())

@@ -575,7 +575,7 @@ def test_vqa_evaluation_groups_by_question_and_scores_own_answers(family, tmp_pa
         one = adapter._question_sequences(loaded, data, np.array([i]))
         pixels = adapter._pixels(loaded, data.images[np.array([i])])
         with torch.no_grad():
-            logits = adapter._run_full(loaded.model, {**one, "pixel_values": pixels}).logits
+            logits = adapter.run_full(loaded.model, {**one, "pixel_values": pixels}).logits
         total += float(lm_loss(logits, one["labels"], reduction="none")[one["labels"][:, 1:] != -100].sum())
         count += int((one["labels"] != -100).sum())
     assert metrics["answer_loss"] == pytest.approx(total / count, rel=1e-4)

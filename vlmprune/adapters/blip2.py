@@ -106,15 +106,16 @@ class ImageToTextAdapter(ModelAdapter):
     def towers(self, model: nn.Module) -> list[Tower]:
         path, layers = self.language_layers(model)
         language = [(f"{path}.{i}", layer) for i, layer in enumerate(layers)]
-        return [self.vision_tower(model), Tower("language", language, self._run_full)]
+        return [self.vision_tower(model), Tower("language", language, self.run_full)]
 
     @staticmethod
-    def _run_full(model: nn.Module, batch: dict):
+    def run_full(model: nn.Module, batch: dict):
+        """The whole model on a batch (pixels, prompt and answer tokens): its output, with ``.logits``."""
         return model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                      attention_mask=batch["attention_mask"], use_cache=False)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return lm_loss(self._run_full(model, batch).logits, batch["labels"])
+        return lm_loss(self.run_full(model, batch).logits, batch["labels"])
 
     def _text_ids(self, loaded: LoadedModel, text: str) -> list[int]:
         return tokenizer_of(loaded.processor)(text, add_special_tokens=False)["input_ids"] if text else []
@@ -220,7 +221,7 @@ class ImageToTextAdapter(ModelAdapter):
             # teacher-forced reference answers
             answers = [references[i] for i in index.tolist()]
             batch = {k: v.to(device) for k, v in self._sequences(loaded, prompt, answers).items()}
-            logits = self._run_full(model, {**batch, "pixel_values": pixels}).logits
+            logits = self.run_full(model, {**batch, "pixel_values": pixels}).logits
             token_nll = lm_loss(logits, batch["labels"], reduction="none")
             scored = batch["labels"][:, 1:] != -100
             nll += float(token_nll[scored].double().sum())
