@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.tiny import build_tiny_llava, save_tiny
+from vlmprune.par.contributions import fit_contributions, token_contributions
 from vlmprune.par.decoder import decoder_of
 from vlmprune.par.engine import Plan, decode, generate, keep_count, prefill, run_layer_weighted, run_prefix
 from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy, block_influence, top_mask
@@ -184,6 +185,44 @@ def test_router_loss_falls(llava, visual_first):
     assert len(losses) == 15 and before > 0
     assert after < 0.9 * before, (before, after)
     assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_fit_contributions_recovers_an_additive_distance():
+    """distance_r = 2 - sum_j c_j keep_rj exactly: the ridge fit returns c (up to the tiny ridge)."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.tensor([0.5, 0.0, 0.25, 1.0, -0.125, 0.0])
+    keep = torch.rand(40, 6, generator=g) < 0.5
+    distance = 2.0 - keep.float() @ c
+    assert torch.allclose(fit_contributions(keep, distance, ridge=1e-9), c, atol=1e-5)
+    shrunk = fit_contributions(keep, distance, ridge=10.0)  # the ridge pulls every coefficient towards 0
+    assert shrunk.abs().sum() < c.abs().sum()
+
+
+@pytest.mark.parametrize("visual_first", [False, True])
+def test_token_contributions_pick_keep_sets_closer_to_dense_than_random(llava, visual_first):
+    """Keeping the tokens with the largest measured contributions gives a smaller KL to the dense model
+    than random keep-sets of the same size (a wrong sign or a misplaced mask fails this)."""
+    model, _, dec = llava
+    ids, pixels = prompt(model, batch=6, visual_first=visual_first)
+    examples = make_examples(dec, ids[:1], pixels, k=1, max_new_tokens=2, batch_size=6)
+    c = token_contributions(dec, examples, 1, [0.5], n_subsets=48)
+    assert c.shape == (6, N_VISUAL)
+
+    class Scores:
+        def __init__(self, scores):
+            self.scores = scores
+
+        def token_scores(self, hidden, mask):
+            return self.scores
+
+    def distance(scores):
+        with torch.no_grad():
+            return float(router_loss(dec, Scores(scores), examples, Plan(0.5, 1.0, 1)))
+
+    g = torch.Generator().manual_seed(1)
+    random_kl = sum(distance(torch.rand(6, N_VISUAL, generator=g)) for _ in range(8)) / 8
+    best, worst = distance(c), distance(-c)
+    assert best < 0.9 * random_kl and worst > 2 * random_kl, (best, random_kl, worst)
 
 
 def test_router_saves_and_loads(llava, tmp_path):

@@ -114,22 +114,13 @@ def straight_through(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return top_mask(scores.detach(), n_keep).to(soft.dtype) + soft - soft.detach()
 
 
-def router_loss(dec: Decoder, router: MetaRouter, batch: Examples, plan: Plan) -> torch.Tensor:
-    """The module docstring's loss at one operating point, on one batch."""
-    T, k, L = batch.prompt_len, plan.k, dec.n_layers
-    h = batch.hidden
+def answer_kl(dec: Decoder, batch: Examples, k: int, key_weight: torch.Tensor,
+              gates: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(dense || pruned) (B, A) at each answer position (zero after EOS): layers ``k ..`` run on the
+    cached h_k with visual keys weighted by ``key_weight`` (B, S) and, when given, layer ``l``'s
+    residual update scaled by ``gates[:, l - k]``."""
+    T, L, h = batch.prompt_len, dec.n_layers, batch.hidden
     B, S, _ = h.shape
-    prompt_h, prompt_mask = h[:, :T], batch.visual_mask[:, :T]
-    n_visual = check_batch(prompt_mask)
-    key_weight = torch.ones(B, S, dtype=h.dtype, device=h.device)
-    n_tokens = keep_count(n_visual, plan.token_ratio)
-    if n_tokens < n_visual:
-        m = straight_through(router.token_scores(prompt_h, prompt_mask), n_tokens).to(h.dtype)
-        key_weight = key_weight.masked_scatter(batch.visual_mask, m.reshape(-1))
-    n_layers = plan.layers_kept(L) - k
-    gates = None
-    if n_layers < L - k:
-        gates = straight_through(router.layer_logits(prompt_h), n_layers).to(h.dtype)
     positions = torch.arange(S, device=h.device).unsqueeze(0).expand(B, -1)
     cos, sin = rotary(dec, h, positions)
     for index in range(k, L):
@@ -137,8 +128,30 @@ def router_loss(dec: Decoder, router: MetaRouter, batch: Examples, plan: Plan) -
         h = out if gates is None else h + gates[:, index - k, None, None] * (out - h)
     A = batch.targets.shape[1]
     logp = torch.log_softmax(dec.lm_head(dec.norm(h[:, T - 1:T - 1 + A])).float(), dim=-1)
-    kl = (batch.targets.exp() * (batch.targets - logp)).sum(-1)
-    return (kl * batch.valid).sum() / batch.valid.sum().clamp_min(1)
+    return (batch.targets.exp() * (batch.targets - logp)).sum(-1) * batch.valid
+
+
+def key_weights(batch: Examples, keep: torch.Tensor | None) -> torch.Tensor:
+    """(B, S) key weights: 1 on text, ``keep`` (B, n visual; 0/1 or straight-through) on the visual positions."""
+    weight = torch.ones(batch.visual_mask.shape, dtype=batch.hidden.dtype, device=batch.hidden.device)
+    return weight if keep is None else weight.masked_scatter(batch.visual_mask, keep.to(weight.dtype).reshape(-1))
+
+
+def router_loss(dec: Decoder, router: MetaRouter, batch: Examples, plan: Plan) -> torch.Tensor:
+    """The module docstring's loss at one operating point, on one batch."""
+    T, k, L = batch.prompt_len, plan.k, dec.n_layers
+    prompt_h, prompt_mask = batch.hidden[:, :T], batch.visual_mask[:, :T]
+    n_visual = check_batch(prompt_mask)
+    n_tokens = keep_count(n_visual, plan.token_ratio)
+    keep = None
+    if n_tokens < n_visual:
+        keep = straight_through(router.token_scores(prompt_h, prompt_mask), n_tokens)
+    n_layers = plan.layers_kept(L) - k
+    gates = None
+    if n_layers < L - k:
+        gates = straight_through(router.layer_logits(prompt_h), n_layers).to(batch.hidden.dtype)
+    kl = answer_kl(dec, batch, k, key_weights(batch, keep), gates)
+    return kl.sum() / batch.valid.sum().clamp_min(1)
 
 
 def operating_points(token_ratios: list[float], layer_ratios: list[float]) -> list[tuple[float, float]]:

@@ -1,0 +1,58 @@
+"""Measured contributions of each visual token of one input: a reference for token-pruning policies.
+
+For an input ``x`` (cached as :class:`vlmprune.par.train.Examples`), the distance of a pruned model from
+the dense one is the router's training distance
+
+    D(x; S) = (1 / |P_x|) sum_{i in P_x} KL( p_dense(. | x_<=i) || p_S(. | x_<=i) )
+
+with ``p_S`` the model that keeps only the visual tokens in ``S`` after layer ``k``. Draw ``R`` random
+keep-sets ``S_r`` (sizes ``floor(n r)``, cycling over the given keep ratios), measure ``D_r = D(x; S_r)``,
+and fit the linear model ``D_r ~ a + sum_j b_j 1[j in S_r]`` by ridge regression (penalty ``ridge`` on
+``b``, none on the intercept). The contribution of token ``j`` is ``c_j = -b_j``: how much keeping it
+lowers the distance, on average over the other tokens kept (a datamodel of one input's tokens; Ilyas et
+al. 2022, arXiv:2202.00622).
+
+Keeping the top-``c`` tokens is an *oracle* policy: it needs ``R`` pruned forwards of the very input
+it prunes, so it cannot run at inference. ``benchmarks/router_training.py`` uses it to tell how much of
+the accuracy lost at a token ratio any ranking of the tokens could win back.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmprune.par.decoder import Decoder
+from vlmprune.par.engine import check_batch, keep_count
+from vlmprune.par.train import Examples, answer_kl, key_weights
+
+
+@torch.no_grad()
+def token_contributions(dec: Decoder, examples: Examples, k: int, ratios: list[float], n_subsets: int = 32,
+                        ridge: float = 1e-2, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """``c`` (N, n): each visual token's contribution (module docstring), ``n_subsets`` keep-sets per input."""
+    ratios = [r for r in ratios if r < 1]
+    if not ratios:
+        raise ValueError("token contributions need a token keep ratio below 1")
+    n = check_batch(examples.visual_mask[:, :examples.prompt_len])
+    sizes = [keep_count(n, r) for r in ratios]
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(len(examples)), desc="token contributions", disable=not progress):
+        keep = torch.zeros(n_subsets, n, dtype=torch.bool)
+        for r in range(n_subsets):
+            keep[r, torch.randperm(n, generator=generator)[:sizes[r % len(sizes)]]] = True
+        one = examples.batch([i] * n_subsets)
+        kl = answer_kl(dec, one, k, key_weights(one, keep.to(one.hidden.device)))
+        out.append(fit_contributions(keep, (kl.sum(-1) / one.valid.sum(-1).clamp_min(1)).cpu(), ridge))
+    return torch.stack(out)
+
+
+def fit_contributions(keep: torch.Tensor, distance: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``-b`` of the ridge fit ``distance_r ~ a + sum_j b_j keep_rj``, the intercept not penalised:
+    ``(X^T X + ridge I') [a; b] = X^T distance`` with ``X = [1, keep]`` and ``I'`` the identity with
+    a zero in the intercept's place."""
+    X = torch.cat([torch.ones(keep.shape[0], 1, dtype=torch.float64), keep.double()], dim=1)
+    penalty = ridge * torch.eye(X.shape[1], dtype=torch.float64)
+    penalty[0, 0] = 0.0
+    return -torch.linalg.solve(X.T @ X + penalty, X.T @ distance.double())[1:].float()
