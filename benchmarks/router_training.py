@@ -14,12 +14,11 @@ token keep ratio:
 
 - ``random``: uniformly random keep-sets (seeded);
 - ``untrained router``: the token head at its random initialisation;
-- ``straight-through`` (the default, :func:`vlmprune.par.train.train_router`): the token head trained
-  on ``D`` through straight-through masks ``1[top_k] + sigmoid(s) - stopgrad(sigmoid(s))``;
-- ``ListNet on contributions`` (tried, not adopted): the token head trained to rank tokens like their
-  measured contributions on the training images (:mod:`vlmprune.par.contributions`, ``--subsets``
-  keep-sets per image) with the ListNet loss (Cao et al., ICML 2007)
-  ``- sum_j softmax(z)_j log softmax(s)_j``, ``z`` the per-image standardised contributions;
+- ``straight-through`` (the default, ``par.token_loss: straight_through``): the token head trained on
+  ``D`` through straight-through masks ``1[top_k] + sigmoid(s) - stopgrad(sigmoid(s))``;
+- ``ListNet on contributions`` (``par.token_loss: contributions``): the token head trained to rank
+  tokens like their measured contributions on the training images (:mod:`vlmprune.par.contributions`,
+  ``--subsets`` keep-sets per image) with the ListNet loss (Cao et al., ICML 2007);
 - ``oracle``: each held-out image ranked by its own measured contributions. Not available at
   inference (it runs ``--subsets`` pruned forwards of that image); it shows how much accuracy a
   ranking of the tokens can keep at all.
@@ -73,22 +72,6 @@ class RandomScores(Scores):
 def held_out_distance(dec, scorer, examples, ratios, k: int) -> dict[float, float]:
     with torch.no_grad():
         return {r: float(router_loss(dec, scorer, examples, Plan(r, 1.0, k))) for r in ratios}
-
-
-def train_listnet(router, examples, contributions: torch.Tensor, steps: int, lr: float, batch_size: int,
-                  seed: int) -> None:
-    """AdamW on the ListNet loss between the standardised contributions and the token scores."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
-    T = examples.prompt_len
-    z = (contributions - contributions.mean(1, keepdim=True)) / contributions.std(1, keepdim=True).clamp_min(1e-8)
-    for _ in range(steps):
-        index = torch.randperm(len(examples), generator=generator)[:batch_size]
-        scores = router.token_scores(examples.hidden[index, :T], examples.visual_mask[index, :T])
-        loss = -(torch.softmax(z[index], dim=1) * torch.log_softmax(scores, dim=1)).sum(1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,11 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         progress=True))
     add("straight-through", router, RouterPolicy(router), "the default")
 
-    def listnet(r):
-        c = token_contributions(dec, train_x, k, args.ratios, args.subsets, seed=args.seed, progress=True)
-        train_listnet(r, train_x, c, args.steps, args.lr, args.batch_size, args.seed)
-
-    router = trained("ListNet on contributions", listnet)
+    router = trained("ListNet on contributions", lambda r: train_router(
+        dec, r, train_x, args.steps, args.lr, args.batch_size, args.seed, points=[(t, 1.0) for t in args.ratios],
+        progress=True, token_loss="contributions", n_subsets=args.subsets))
     add("ListNet on contributions", router, RouterPolicy(router), "measuring the training contributions included")
     oracle = token_contributions(dec, test_x, k, args.ratios, args.subsets, seed=args.seed + 1, progress=True)
     add("oracle", Scores(oracle), Scores(oracle), f"{args.subsets} pruned forwards of each held-out image")

@@ -303,6 +303,11 @@ class ParParams(Section):
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
+    token_loss: Literal["straight_through", "contributions"] = Field(
+        "straight_through", description="how the router's token head learns: straight_through (KL through "
+        "straight-through masks) or contributions (rank tokens like their measured contributions; better with "
+        "many visual tokens, benchmarks/results/router_training*.md)")
+    token_subsets: int = Field(32, ge=2, description="contributions: random keep-sets measured per training image")
     train_samples: int = Field(256, ge=1, description="unlabelled training-split images the router learns from")
     eval_samples: int | None = Field(200, ge=1, description="held-out images per operating point (all when null)")
     latency_repeats: int = Field(10, ge=1, description="timed runs per operating point (median reported)")

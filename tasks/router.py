@@ -114,7 +114,8 @@ def train_router(params: RunParams) -> str:
         router = MetaRouter(RouterConfig(dec.hidden_size, dec.n_layers, p_k, p.router_width,
                                          list(p.token_ratios), list(p.layer_ratios))).to(device)
         started = time.perf_counter()
-        losses = fit_router(dec, router, examples, p.steps, p.lr, p.batch_size, p.seed, progress=True)
+        losses = fit_router(dec, router, examples, p.steps, p.lr, p.batch_size, p.seed, progress=True,
+                            token_loss=p.token_loss, n_subsets=p.token_subsets)
         train_s = time.perf_counter() - started
     tail = max(1, len(losses) // 10)
     metrics = {"loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail,

@@ -14,7 +14,7 @@ from vlmprune.par.decoder import decoder_of
 from vlmprune.par.engine import Plan, decode, generate, keep_count, prefill, run_layer_weighted, run_prefix
 from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy, block_influence, top_mask
 from vlmprune.par.router import MetaRouter, RouterConfig, load_router, save_router
-from vlmprune.par.train import make_examples, router_loss, train_router
+from vlmprune.par.train import make_examples, rank_loss, router_loss, train_router
 
 N_VISUAL = 16
 
@@ -223,6 +223,39 @@ def test_token_contributions_pick_keep_sets_closer_to_dense_than_random(llava, v
     random_kl = sum(distance(torch.rand(6, N_VISUAL, generator=g)) for _ in range(8)) / 8
     best, worst = distance(c), distance(-c)
     assert best < 0.9 * random_kl and worst > 2 * random_kl, (best, random_kl, worst)
+
+
+def test_rank_loss_is_listnet():
+    """- sum_j softmax(z)_j log softmax(s)_j with z the per-row standardised contributions, by hand."""
+    class Fixed:
+        def token_scores(self, hidden, mask):
+            return torch.tensor([[0.0, 1.0, 2.0]])
+
+    contributions = torch.tensor([[1.0, 2.0, 3.0]])  # z = (-1, 0, 1)
+    batch = type("B", (), {"prompt_len": 1, "hidden": torch.zeros(1, 1, 4), "visual_mask": torch.ones(1, 1)})()
+    p = torch.softmax(torch.tensor([-1.0, 0.0, 1.0]), 0)
+    q = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    assert float(rank_loss(Fixed(), batch, contributions)) == pytest.approx(float(-(p * q).sum()), rel=1e-6)
+
+
+def test_trained_token_head_ranks_like_the_contributions(llava):
+    model, _, dec = llava
+    ids, pixels = prompt(model, batch=16)
+    examples = make_examples(dec, ids[:1], pixels, k=1, max_new_tokens=2, batch_size=8)
+    c = token_contributions(dec, examples, 1, [0.5], n_subsets=24)
+    router = router_for(dec)
+
+    def agreement():
+        scores = router.token_scores(examples.hidden[:, :examples.prompt_len],
+                                     examples.visual_mask[:, :examples.prompt_len]).detach()
+        return float((top_mask(scores, 8) & top_mask(c, 8)).sum()) / (16 * 8)
+
+    before = agreement()
+    train_router(dec, router, examples, steps=40, lr=1e-2, batch_size=8, points=[(0.5, 1.0)],
+                 token_loss="contributions", n_subsets=24)
+    assert agreement() > max(before, 0.5) + 0.1, (before, agreement())
+    with pytest.raises(ValueError, match="straight_through, contributions"):
+        train_router(dec, router, examples, steps=1, lr=1e-2, batch_size=8, token_loss="listnet")
 
 
 def test_router_saves_and_loads(llava, tmp_path):

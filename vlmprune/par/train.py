@@ -17,6 +17,17 @@ exactly the pruned model; gradients reach the scores by straight-through estimat
 - layers: ``g_l = 1[l in top_k(z)] + sigmoid(z_l) - stopgrad(sigmoid(z_l))`` gates the residual update,
   ``h_{l+1} = h_l + g_l (f_l(h_l) - h_l)``.
 
+With ``token_loss="contributions"`` the token head is trained instead to rank the visual tokens
+like their measured contributions (:mod:`vlmprune.par.contributions`: ``n_subsets`` random keep-sets
+per training input, a ridge fit of their KL), by the ListNet loss (Cao et al., ICML 2007)
+``- sum_j softmax(z)_j log softmax(s)_j`` with ``z`` the per-input standardised contributions; the
+straight-through masks then carry no gradient to the token head (its hard top-k still decides the
+tokens while the layer head trains). Which is better depends on the model
+(``benchmarks/results/router_training*.md``): on the offline LLaVA-style model with 16 visual tokens
+straight-through keeps more accuracy at 50% tokens (0.42 vs 0.33 of a dense 0.75), with 64 visual
+tokens straight-through training diverges (held-out KL 0.60 nats, worse than random keep-sets' 0.10)
+while the ranked head reaches 0.025.
+
 The language model is frozen; ``h_k`` and the dense targets are computed once and cached.
 """
 
@@ -137,15 +148,18 @@ def key_weights(batch: Examples, keep: torch.Tensor | None) -> torch.Tensor:
     return weight if keep is None else weight.masked_scatter(batch.visual_mask, keep.to(weight.dtype).reshape(-1))
 
 
-def router_loss(dec: Decoder, router: MetaRouter, batch: Examples, plan: Plan) -> torch.Tensor:
-    """The module docstring's loss at one operating point, on one batch."""
+def router_loss(dec: Decoder, router: MetaRouter, batch: Examples, plan: Plan,
+                token_gradient: bool = True) -> torch.Tensor:
+    """The module docstring's loss at one operating point, on one batch; with ``token_gradient=False``
+    the token mask is the hard top-k alone (no gradient to the token head)."""
     T, k, L = batch.prompt_len, plan.k, dec.n_layers
     prompt_h, prompt_mask = batch.hidden[:, :T], batch.visual_mask[:, :T]
     n_visual = check_batch(prompt_mask)
     n_tokens = keep_count(n_visual, plan.token_ratio)
     keep = None
     if n_tokens < n_visual:
-        keep = straight_through(router.token_scores(prompt_h, prompt_mask), n_tokens)
+        scores = router.token_scores(prompt_h, prompt_mask)
+        keep = straight_through(scores, n_tokens) if token_gradient else top_mask(scores.detach(), n_tokens)
     n_layers = plan.layers_kept(L) - k
     gates = None
     if n_layers < L - k:
@@ -158,15 +172,29 @@ def operating_points(token_ratios: list[float], layer_ratios: list[float]) -> li
     return [(t, l) for t in token_ratios for l in layer_ratios]
 
 
+TOKEN_LOSSES = ("straight_through", "contributions")
+
+
 def train_router(dec: Decoder, router: MetaRouter, examples: Examples, steps: int, lr: float, batch_size: int,
-                 seed: int = 0, points: list[tuple[float, float]] | None = None, progress: bool = False) -> list[float]:
+                 seed: int = 0, points: list[tuple[float, float]] | None = None, progress: bool = False,
+                 token_loss: str = "straight_through", n_subsets: int = 32) -> list[float]:
     """AdamW on the router only, ``steps`` steps of ``batch_size`` examples, one operating point per
-    step drawn from ``points`` (default: the router's grid without the dense point). Returns the loss
-    of every step."""
+    step drawn from ``points`` (default: the router's grid without the dense point). ``token_loss``:
+    how the token head learns (module docstring); with ``"contributions"`` they are measured first on
+    ``n_subsets`` keep-sets per example at the points' token ratios. Returns the loss of every step."""
+    if token_loss not in TOKEN_LOSSES:
+        raise ValueError(f"unknown token_loss {token_loss!r}; known: {', '.join(TOKEN_LOSSES)}")
     c = router.config
     points = points or [p for p in operating_points(c.token_ratios, c.layer_ratios) if p != (1.0, 1.0)]
     if not points:
         raise ValueError("no operating point prunes anything: add token or layer ratios below 1")
+    ranked = token_loss == "contributions"
+    token_ratios = sorted({t for t, _ in points if t < 1}, reverse=True)
+    contributions = None
+    if ranked and token_ratios:
+        from vlmprune.par.contributions import token_contributions  # that module builds on this one
+
+        contributions = token_contributions(dec, examples, c.k, token_ratios, n_subsets, seed=seed, progress=progress)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
@@ -176,8 +204,14 @@ def train_router(dec: Decoder, router: MetaRouter, examples: Examples, steps: in
         bar = tqdm(range(steps), desc="train router", disable=not progress)
         for _ in bar:
             index = torch.randperm(len(examples), generator=generator)[:batch_size]
+            batch = examples.batch(index)
             token_ratio, layer_ratio = rng.choice(points)
-            loss = router_loss(dec, router, examples.batch(index), Plan(token_ratio, layer_ratio, c.k))
+            loss = torch.zeros(())
+            if ranked and token_ratio < 1:
+                loss = loss + rank_loss(router, batch, contributions[index])
+            if not ranked or layer_ratio < 1:
+                loss = loss + router_loss(dec, router, batch, Plan(token_ratio, layer_ratio, c.k),
+                                          token_gradient=not ranked)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -185,3 +219,12 @@ def train_router(dec: Decoder, router: MetaRouter, examples: Examples, steps: in
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     router.eval()
     return losses
+
+
+def rank_loss(router: MetaRouter, batch: Examples, contributions: torch.Tensor) -> torch.Tensor:
+    """ListNet: ``- sum_j softmax(z)_j log softmax(s)_j`` averaged over the batch, ``z`` the per-row
+    standardised ``contributions`` (B, n) and ``s`` the router's token scores."""
+    T = batch.prompt_len
+    scores = router.token_scores(batch.hidden[:, :T], batch.visual_mask[:, :T])
+    z = (contributions - contributions.mean(1, keepdim=True)) / contributions.std(1, keepdim=True).clamp_min(1e-8)
+    return -(torch.softmax(z.to(scores), dim=1) * torch.log_softmax(scores, dim=1)).sum(1).mean()
