@@ -497,3 +497,19 @@ def test_offload_extrapolation_counts_llama_parameters_like_transformers():
     assert total == sum(p.numel() for p in model.parameters())
     assert block == sum(p.numel() for p in model.model.layers[0].parameters())
     assert resident == total - 3 * block
+
+
+def test_router_training_table_on_a_tiny_llava(tmp_path, small_threads):
+    """benchmarks/router_training.py end to end on a random tiny LLaVA: every row, both ratios, written out."""
+    from benchmarks.router_training import main
+    from tests.tiny import build_tiny_llava, save_tiny
+
+    model = save_tiny(*build_tiny_llava(text_layers=4), tmp_path / "llava")
+    out = tmp_path / "router_training.md"
+    assert main(["--model", str(model), "--train", "8", "--test", "4", "--subsets", "4", "--steps", "2", "--k", "1",
+                 "--threads", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "token head" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["dense (all tokens)", "random", "untrained router", "straight-through",
+                     "ListNet on contributions", "oracle"]
+    assert all(len(row.split("|")) == 9 for row in rows)  # 7 columns: head, D and acc at 50% and 25%, train s, note
