@@ -24,7 +24,7 @@ from prefect import task
 from params import RunParams
 from tasks.io import atomic_dir, read_json, stage_dir, write_json, write_meta
 from vlmprune.errors import ArtifactError
-from vlmprune.par.router import CONFIG, MODEL_ROUTER_DIR, WEIGHTS, model_fingerprint
+from vlmprune.par.router import CONFIG, MODEL_ROUTER_DIR, WEIGHTS, model_fingerprint, recorded_fingerprint
 from vlmprune.profiling import measure
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -114,7 +114,7 @@ def router_to_attach(params: RunParams, model_dir: Path) -> tuple[list[Path], di
                                                  "registered pruned model's; set par.model: pruned to train it on the "
                                                  "pruned model and register it beside it"}
     router_dir = stage_dir(params, "train_router")
-    recorded = (read_json(router_dir / CONFIG).get("model") or {}).get("sha256")
+    recorded = recorded_fingerprint(router_dir)
     actual = model_fingerprint(model_dir)["sha256"]
     if recorded != actual:
         raise ArtifactError(f"the router in {router_dir} was not trained on the model in {model_dir} (fingerprint "

@@ -35,7 +35,9 @@ from vlmprune.par.decoder import decoder_of
 from vlmprune.par.evaluate import evaluate_grid, vqa_set
 from vlmprune.par.plot import accuracy_vs_latency
 from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy, block_influence
-from vlmprune.par.router import MetaRouter, RouterConfig, load_router, model_fingerprint, save_router
+from vlmprune.par.router import (
+    MetaRouter, RouterConfig, load_router, model_fingerprint, recorded_fingerprint, save_router,
+)
 from vlmprune.par.train import make_examples, operating_points, train_router as fit_router
 from vlmprune.profiling import measure
 
@@ -143,7 +145,7 @@ def evaluate_tokens(params: RunParams) -> str:
     with measure() as usage:
         facts = read_json(router_dir / "router.json")
         fingerprint = fingerprint_of(model_id)
-        if fingerprint and (facts.get("model") or {}).get("sha256") != fingerprint["sha256"]:
+        if fingerprint and recorded_fingerprint(router_dir) != fingerprint["sha256"]:
             raise ArtifactError(f"the router in {router_dir} was trained on {facts.get('model_id')!r}, not on the model "
                                 f"evaluated now ({model_id}, par.model {p.model}): rerun the train_router stage")
         adapter, loaded, dec = _load(params, model_id)

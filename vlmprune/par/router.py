@@ -124,6 +124,12 @@ def model_fingerprint(model_dir: str | Path) -> dict:
     return {"sha256": digest.hexdigest(), "files": [f.name for f in files]}
 
 
+def recorded_fingerprint(router_dir: str | Path) -> str | None:
+    """The ``sha256`` of the model a router was trained on, as ``router.json`` records it (None when it
+    records none: a router trained on a hub id or a packaged alias)."""
+    return (json.loads((Path(router_dir) / CONFIG).read_text()).get("model") or {}).get("sha256")
+
+
 def load_model_router(model_dir: str | Path, device: str = "cpu") -> MetaRouter:
     """The PAR router saved beside the model in ``model_dir`` (its ``router/`` folder, as the register
     stage writes it with ``par.model: pruned``), after checking that it was trained on this very model:
@@ -137,7 +143,7 @@ def load_model_router(model_dir: str | Path, device: str = "cpu") -> MetaRouter:
         raise ArtifactError(f"no PAR router beside the model in {model_dir} (expected {MODEL_ROUTER_DIR}/{WEIGHTS} "
                             f"and {MODEL_ROUTER_DIR}/{CONFIG}): register the model with par.enabled true and "
                             "par.model pruned, or load a router from its own directory with load_router")
-    recorded = (json.loads((folder / CONFIG).read_text()).get("model") or {}).get("sha256")
+    recorded = recorded_fingerprint(folder)
     actual = model_fingerprint(model_dir)["sha256"]
     if recorded != actual:
         trained_on = f"a model with fingerprint {recorded[:12]}" if recorded else "an unrecorded model"
