@@ -6,8 +6,9 @@ Prints a Markdown table (also written to benchmarks/results/llm_<profile>.md).
 
     python -m benchmarks.llm --profile quick    # 2 CPU cores: 32 x 256-token calibration windows
     python -m benchmarks.llm --profile full     # the papers' sizes: 128 x 512 calibration, 40 x 512 eval
-    python -m benchmarks.llm --sparsities 0.6   # the profile's sizes; uniform, OWL and first-order
-                                                # ECoFLaP at these sparsities only (llm_<profile>_<s>.md)
+    python -m benchmarks.llm --sparsities 0.6   # the profile's sizes; uniform, OWL, first-order ECoFLaP
+                                                # and zeroth-order ECoFLaP + Wanda at these sparsities
+                                                # only (llm_<profile>_<s>.md)
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main() -> None:
     if args.sparsities:
         grid = [Config(a, sc, p, s) for s in args.sparsities for a, sc, p in
                 (("uniform", "none", "magnitude"), ("uniform", "none", "wanda"), ("uniform", "none", "sparsegpt"),
-                 ("owl", "none", "wanda"), ("ecoflap", "first_order", "wanda"), ("ecoflap", "first_order", "sparsegpt"))]
+                 ("owl", "none", "wanda"), ("ecoflap", "first_order", "wanda"), ("ecoflap", "first_order", "sparsegpt"),
+                 ("ecoflap", "zeroth_order", "wanda"))]
         name += "_" + "_".join(f"{s:g}" for s in args.sparsities)
     dense, rows = run_grid(args.params, grid, base)
     table = [{"method": "dense", "sparsity": 0.0, "perplexity": dense["metrics"]["perplexity"],

@@ -48,6 +48,9 @@ from vlmprune.par.router import MetaRouter, RouterConfig
 from vlmprune.par.train import make_examples, router_loss, train_router
 
 
+HEADS = ["random", "untrained", "straight-through", "contributions", "oracle"]
+
+
 class Scores:
     """Fixed token scores, one row per held-out image, for the router's interface (``hidden``,
     ``visual_mask``) and the decoder loop's (a prefix of the whole held-out batch)."""
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=HEADS,
+                        help="rows to measure besides dense (the trained ones and the oracle cost the most)")
     parser.add_argument("--out", default="benchmarks/results/router_training.md")
     args = parser.parse_args(argv)
 
@@ -127,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**row, "train s": seconds.get(name, ""), "note": note})
         print(rows[-1], flush=True)
 
-    add("random", RandomScores(args.seed), RandomPolicy(args.seed))
-    router = fresh_router().eval()
-    add("untrained router", router, RouterPolicy(router))
+    if "random" in args.heads:
+        add("random", RandomScores(args.seed), RandomPolicy(args.seed))
+    if "untrained" in args.heads:
+        router = fresh_router().eval()
+        add("untrained router", router, RouterPolicy(router))
 
     def trained(name, fit):
         router, started = fresh_router(), time.perf_counter()
@@ -137,17 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         seconds[name] = round(time.perf_counter() - started)
         return router.eval()
 
-    router = trained("straight-through", lambda r: train_router(
-        dec, r, train_x, args.steps, args.lr, args.batch_size, args.seed, points=[(t, 1.0) for t in args.ratios],
-        progress=True))
-    add("straight-through", router, RouterPolicy(router), "the default")
-
-    router = trained("ListNet on contributions", lambda r: train_router(
-        dec, r, train_x, args.steps, args.lr, args.batch_size, args.seed, points=[(t, 1.0) for t in args.ratios],
-        progress=True, token_loss="contributions", n_subsets=args.subsets))
-    add("ListNet on contributions", router, RouterPolicy(router), "measuring the training contributions included")
-    oracle = token_contributions(dec, test_x, k, args.ratios, args.subsets, seed=args.seed + 1, progress=True)
-    add("oracle", Scores(oracle), Scores(oracle), f"{args.subsets} pruned forwards of each held-out image")
+    if "straight-through" in args.heads:
+        router = trained("straight-through", lambda r: train_router(
+            dec, r, train_x, args.steps, args.lr, args.batch_size, args.seed, points=[(t, 1.0) for t in args.ratios],
+            progress=True))
+        add("straight-through", router, RouterPolicy(router), "the default")
+    if "contributions" in args.heads:
+        router = trained("ListNet on contributions", lambda r: train_router(
+            dec, r, train_x, args.steps, args.lr, args.batch_size, args.seed, points=[(t, 1.0) for t in args.ratios],
+            progress=True, token_loss="contributions", n_subsets=args.subsets))
+        add("ListNet on contributions", router, RouterPolicy(router), "measuring the training contributions included")
+    if "oracle" in args.heads:
+        oracle = token_contributions(dec, test_x, k, args.ratios, args.subsets, seed=args.seed + 1, progress=True)
+        add("oracle", Scores(oracle), Scores(oracle), f"{args.subsets} pruned forwards of each held-out image")
 
     columns = ["token head", *[f"D @ {r:.0%}" for r in args.ratios], *[f"acc @ {r:.0%}" for r in args.ratios],
                "train s", "note"]

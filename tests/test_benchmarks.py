@@ -513,3 +513,16 @@ def test_router_training_table_on_a_tiny_llava(tmp_path, small_threads):
     assert names == ["dense (all tokens)", "random", "untrained router", "straight-through",
                      "ListNet on contributions", "oracle"]
     assert all(len(row.split("|")) == 9 for row in rows)  # 7 columns: head, D and acc at 50% and 25%, train s, note
+
+
+def test_router_training_measures_only_the_heads_asked_for(tmp_path, small_threads):
+    """--heads leaves out the expensive rows (straight-through training, the oracle) on many-token models."""
+    from benchmarks.router_training import main
+    from tests.tiny import build_tiny_llava, save_tiny
+
+    model = save_tiny(*build_tiny_llava(text_layers=2), tmp_path / "llava")
+    out = tmp_path / "router_training.md"
+    assert main(["--model", str(model), "--train", "4", "--test", "4", "--subsets", "4", "--steps", "1", "--k", "1",
+                 "--threads", "1", "--heads", "random", "contributions", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "token head" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["dense (all tokens)", "random", "ListNet on contributions"]
