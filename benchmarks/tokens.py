@@ -54,8 +54,7 @@ def run_par(adapter, loaded, data: str = "digits", router_dir: str | None = None
     spec = DataSpec(name=data)
     started = time.perf_counter()
     train = vqa_set(adapter, loaded, spec, "train", train_samples, seed)
-    influence = block_influence(dec, [dec.embed_inputs(train.input_ids.expand(len(x), -1), x)
-                                      for x in train.pixel_values[:64].split(batch_size)])
+    influence = block_influence(dec, train.input_ids, train.pixel_values[:64], batch_size)
     if router_dir and has_router(router_dir):
         router, losses = load_router(router_dir), []
     else:

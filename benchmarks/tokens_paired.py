@@ -2,6 +2,7 @@
 so load drift on a shared machine cancels; prints the median of the per-pair speed-ups.
 
     python -m benchmarks.tokens_paired MODEL_DIR ROUTER_DIR [--repeats 15]
+    python -m benchmarks.tokens_paired MODEL_DIR [--repeats 15]     # no router: random keep-sets only
 
 ``prefill`` is pixels to first-token logits (vision tower and projector included); ``lm_prefill`` is
 the language model only. Two warm-up pairs per operating point are not counted.
@@ -22,12 +23,14 @@ from vlmprune.data.spec import DataSpec
 from vlmprune.par.decoder import decoder_of
 from vlmprune.par.engine import Plan, prefill
 from vlmprune.par.evaluate import vqa_set
-from vlmprune.par.policies import AttentionPolicy, RouterPolicy
+from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy
 from vlmprune.par.router import load_router
 
 # (policy, token keep ratio, layer keep ratio)
 POINTS = [("router", 0.5, 1.0), ("attention", 0.5, 1.0), ("router", 0.25, 1.0), ("router", 0.5, 0.75),
           ("router", 1.0, 0.75)]
+# without a router: token pruning only, random keep-sets (the cost of a prefill does not depend on which tokens)
+RANDOM_POINTS = [("random", 0.5, 1.0), ("random", 0.25, 1.0)]
 WARMUP = 2
 N_IMAGES = 32
 
@@ -69,25 +72,32 @@ def paired(decoder, data, policies: dict, points, repeats: int, k: int = 2) -> l
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("router")
+    parser.add_argument("router", nargs="?", help="a router directory (router.json, router.safetensors)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--k", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     adapter = ADAPTERS.get(detect_family(args.model))()
     loaded = adapter.load(args.model, torch.float32, "cpu")
     decoder = decoder_of(loaded.model)
     data = vqa_set(adapter, loaded, DataSpec(name="digits"), "test", N_IMAGES)
-    influence = json.loads((Path(args.router) / "router.json").read_text())["block_influence"]
-    policies = {"router": RouterPolicy(load_router(args.router)), "attention": AttentionPolicy(influence)}
+    if args.router:
+        influence = json.loads((Path(args.router) / "router.json").read_text())["block_influence"]
+        policies = {"router": RouterPolicy(load_router(args.router)), "attention": AttentionPolicy(influence)}
+        points = POINTS
+    else:
+        policies, points = {"random": RandomPolicy(0)}, RANDOM_POINTS
+
+    print(f"{args.model}: {int(decoder.visual_mask(data.input_ids).sum())} visual tokens in a prompt of "
+          f"{data.input_ids.shape[1]}, k = {args.k}, 1 thread")
 
     print("| policy | tokens | layers | dense prefill ms | pruned prefill ms | prefill x (median of pairs) | lm_prefill x |")
     print("|---|---|---|---|---|---|---|")
-    for row in paired(decoder, data, policies, POINTS, args.repeats, args.k):
+    for row in paired(decoder, data, policies, points, args.repeats, args.k):
         print(f"| {row['policy']} | {row['tokens']:.0%} | {row['layers']:.0%} | {row['dense_ms']:.0f} | "
               f"{row['pruned_ms']:.0f} | {row['prefill_x']:.2f} | {row['lm_prefill_x']:.2f} |", flush=True)
 

@@ -110,8 +110,7 @@ def train_router(params: RunParams) -> str:
         data = vqa_set(adapter, loaded, data_spec(params), "train", p.train_samples, p.seed)
         examples = make_examples(dec, data.input_ids.to(device), data.pixel_values.to(device), p_k,
                                  data.max_new_tokens, batch_size=p.batch_size, progress=True)
-        influence = block_influence(dec, [dec.embed_inputs(data.input_ids.to(device).expand(len(x), -1), x.to(device))
-                                          for x in data.pixel_values[:64].split(p.batch_size)])
+        influence = block_influence(dec, data.input_ids.to(device), data.pixel_values[:64].to(device), p.batch_size)
         torch.manual_seed(p.seed)
         router = MetaRouter(RouterConfig(dec.hidden_size, dec.n_layers, p_k, p.router_width,
                                          list(p.token_ratios), list(p.layer_ratios))).to(device)

@@ -526,3 +526,15 @@ def test_router_training_measures_only_the_heads_asked_for(tmp_path, small_threa
                  "--threads", "1", "--heads", "random", "contributions", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "token head" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["dense (all tokens)", "random", "ListNet on contributions"]
+
+
+def test_paired_prefill_without_a_router_times_random_keep_sets(tmp_path, capsys, small_threads):
+    """benchmarks/tokens_paired.py with only a model: one row per token ratio, random keep-sets, speed-ups > 0."""
+    from benchmarks.tokens_paired import main
+    from tests.tiny import build_tiny_llava, save_tiny
+
+    model = save_tiny(*build_tiny_llava(text_layers=2), tmp_path / "llava")
+    main([str(model), "--repeats", "1", "--k", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| random")]
+    assert [(r[2].strip(), r[3].strip()) for r in rows] == [("50%", "100%"), ("25%", "100%")]
+    assert all(float(r[6]) > 0 for r in rows)

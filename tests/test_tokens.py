@@ -143,7 +143,15 @@ def test_attention_scores_are_the_last_tokens_attention_in_layer_k_minus_1(llava
 def test_block_influence_ranks_layers_for_the_attention_policy(llava):
     model, _, dec = llava
     ids, pixels = prompt(model)
-    influence = block_influence(dec, [dec.embed_inputs(ids, pixels)])
+    grad_enabled = []
+    embed = dec.embed_inputs
+    dec.embed_inputs = lambda *a: grad_enabled.append(torch.is_grad_enabled()) or embed(*a)
+    try:
+        influence = block_influence(dec, ids, pixels, batch_size=1)
+    finally:
+        dec.embed_inputs = embed
+    assert grad_enabled == [False] * len(pixels)  # embedded one image at a time, with no autograd graph
+    assert influence == pytest.approx(block_influence(dec, ids[:1], pixels, batch_size=len(pixels)), abs=1e-6)
     assert len(influence) == dec.n_layers and all(0 <= b <= 2 for b in influence)
     _, cache = prefill(dec, dec.embed_inputs(ids, pixels), dec.visual_mask(ids), Plan(1.0, 0.5, 1),
                        AttentionPolicy([0.0, 0.3, 0.1, 0.2]))

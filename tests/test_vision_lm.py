@@ -223,3 +223,18 @@ def test_packaged_vision_lm_answers_held_out_digits(tmp_path):
                          pad_token_id=loaded.processor.pad_token_id)[:, ids.shape[1]:]
     answers = [t.strip() for t in loaded.processor.batch_decode(new, skip_special_tokens=True)]
     assert set(answers) <= set(data.class_names), answers
+
+
+def test_a_resized_model_shares_its_weights_and_trains_on_from_them():
+    """resized(): more visual tokens from the same towers and projector; reinit=False keeps the projector."""
+    data = load_image_dataset("digits", max_samples=32)
+    model, tokenizer = build_tiny_vision_lm(seed=1)
+    big = model.resized(2 * model.config.image_size)
+    assert big.n_image_tokens > model.n_image_tokens and big.config.image_size == 2 * model.config.image_size
+    assert big.projector is model.projector and big.vision is model.vision
+    assert big.language_model is model.language_model
+    start = {k: v.clone() for k, v in big.projector.state_dict().items()}
+    train_projector(big, tokenizer, data, steps=1, batch_size=4, lr=0.0, seed=0, reinit=False, progress=False)
+    assert all(torch.equal(v, big.projector.state_dict()[k]) for k, v in start.items())  # lr 0, no reset: unchanged
+    train_projector(big, tokenizer, data, steps=1, batch_size=4, lr=0.0, seed=0, progress=False)
+    assert not all(torch.equal(v, big.projector.state_dict()[k]) for k, v in start.items())  # reset by default

@@ -73,11 +73,12 @@ def _warmup_cosine(steps: int):
 
 
 def train_projector(model: VisionLM, tokenizer, data: ImageDataset, steps: int = 200, batch_size: int = 16,
-                    lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                    lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, reinit: bool = True,
                     progress: bool = True) -> ProjectorTrainingResult:
     """Fit ``model.projector`` on ``data`` (training images only); the vision tower and the language
-    model are left untouched. The projector is re-initialised from ``seed`` first, and batches are
-    drawn with ``seed``, so the result depends only on the frozen parts, the data and the seed."""
+    model are left untouched. The projector is re-initialised from ``seed`` first (``reinit=False``:
+    it goes on from its current weights, a warm start), and batches are drawn with ``seed``, so the
+    result depends only on the frozen parts, the starting projector, the data and the seed."""
     from vlmprune.adapters.base import LoadedModel
     from vlmprune.adapters.vision_lm import VisionLMAdapter
 
@@ -86,9 +87,10 @@ def train_projector(model: VisionLM, tokenizer, data: ImageDataset, steps: int =
                                   "per-example questions (data.question_column) is not built: use a labelled set")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    for layer in model.projector:
-        if isinstance(layer, nn.Linear):
-            layer.reset_parameters()
+    if reinit:
+        for layer in model.projector:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
     frozen = [p for name, p in model.named_parameters() if not name.startswith("projector.") and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

@@ -30,7 +30,7 @@ The model saves as ``config.json`` (``model_type: vlmprune_vision_lm``) + ``mode
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -133,6 +133,15 @@ class VisionLM(nn.Module):
                                            max_new_tokens=max_new_tokens, do_sample=do_sample,
                                            pad_token_id=pad_token_id, **kwargs)
         return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    def resized(self, image_size: int) -> "VisionLM":
+        """The same towers and projector (shared, not copied) reading ``image_size`` pixels, hence
+        ceil(image_size / 32)^2 visual tokens (unless ``feature_grid`` pools them): a warm start for
+        training the projector at another resolution."""
+        model = VisionLM(replace(self.config, image_size=image_size), vision=self.vision,
+                         language_model=self.language_model)
+        model.projector = self.projector
+        return model.train(self.training)
 
     # --- persistence ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

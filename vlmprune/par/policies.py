@@ -78,11 +78,18 @@ class RandomPolicy:
 
 
 @torch.no_grad()
-def block_influence(dec: Decoder, embeds: list[torch.Tensor]) -> list[float]:
+def block_influence(dec: Decoder, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                    batch_size: int = 16) -> list[float]:
     """``BI_l = 1 - mean over tokens and inputs of cos(h^{(l)}_t, h^{(l+1)}_t)`` for every layer
-    (ShortGPT, Men et al. 2024), from the dense model on unlabelled ``inputs_embeds`` batches."""
+    (ShortGPT, Men et al. 2024), from the dense model on unlabelled images ``pixel_values`` (N, ...)
+    under the prompt ``input_ids`` ((1, T), or one row per image), ``batch_size`` images per forward.
+    The inputs are embedded here, without gradients: an autograd graph of the vision tower kept for
+    every batch grows with the image size (about 20 GB for 64 images at 448 px)."""
     total, count = torch.zeros(dec.n_layers, dtype=torch.float64), 0
-    for h in embeds:
+    for start in range(0, pixel_values.shape[0], batch_size):
+        pixels = pixel_values[start:start + batch_size]
+        ids = input_ids.expand(len(pixels), -1) if input_ids.shape[0] == 1 else input_ids[start:start + batch_size]
+        h = dec.embed_inputs(ids, pixels)
         B, T, _ = h.shape
         positions = torch.arange(T, device=h.device).unsqueeze(0).expand(B, -1)
         cos, sin = rotary(dec, h, positions)
