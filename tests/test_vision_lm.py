@@ -238,3 +238,20 @@ def test_a_resized_model_shares_its_weights_and_trains_on_from_them():
     assert all(torch.equal(v, big.projector.state_dict()[k]) for k, v in start.items())  # lr 0, no reset: unchanged
     train_projector(big, tokenizer, data, steps=1, batch_size=4, lr=0.0, seed=0, progress=False)
     assert not all(torch.equal(v, big.projector.state_dict()[k]) for k, v in start.items())  # reset by default
+
+
+def test_many_tokens_script_builds_a_larger_model_from_a_trained_one(tiny, tmp_path):
+    """benchmarks/many_tokens.py: the saved model reads the larger images (more visual tokens), its towers are
+    the base's, and its projector moved on from the base's."""
+    from benchmarks.many_tokens import main
+
+    base_dir = tmp_path / "base"
+    VisionLMAdapter().save(LoadedModel(*build_tiny_vision_lm(seed=2)), base_dir)
+    base = VisionLMAdapter().load(str(base_dir), torch.float32, "cpu").model
+    size = 2 * base.config.image_size
+    assert main([str(base_dir), str(tmp_path / "big"), "--image-size", str(size), "--train-images", "16",
+                 "--steps", "2", "1", "--batch-size", "4", "--lr", "0.01", "--threads", "1"]) == 0
+    big = VisionLMAdapter().load(str(tmp_path / "big"), torch.float32, "cpu").model
+    assert big.config.image_size == size and big.n_image_tokens > base.n_image_tokens
+    before, after = base.state_dict(), big.state_dict()
+    assert all(torch.equal(before[k], v) != k.startswith("projector.") for k, v in after.items())
