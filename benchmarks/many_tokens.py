@@ -8,9 +8,9 @@ then read ``--image-size`` pixels (448 px: 14x14 = 196 visual tokens; LLaVA-1.5 
 projector goes on training from its
 16-token weights (:func:`~vlmprune.models.train_projector.train_projector` with ``reinit=False``)
 for each entry of ``--steps`` in turn, each a warm-up + cosine cycle with the same batch seed, on a
-seeded subset of ``--train-images`` digits training images. Trained from scratch at 448 px the
-projector needs far more steps: one step of 8 sequences of ~205 tokens takes about 8 s on 2 CPU
-cores. Writes the model to ``OUT`` (loadable by ``model.id``) and prints the training losses.
+seeded subset of ``--train-images`` digits training images. One step of 8 sequences of ~205 tokens
+takes about 8 s on 2 CPU cores; training from scratch at 448 px was not tried. Writes the model to
+``OUT`` (loadable by ``model.id``) and prints the training losses.
 
 Why: token pruning can only pay off where visual tokens dominate the prompt. With 16 visual tokens
 in a 25-token prompt, dropping half of them after 2 of 30 layers saves at most 1.43x of the
