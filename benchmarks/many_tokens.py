@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.tokens import digits_training_subset
 from vlmprune.adapters.base import LoadedModel
 from vlmprune.adapters.vision_lm import VisionLMAdapter
-from vlmprune.data.images import image_split
-from vlmprune.data.spec import DataSpec
 from vlmprune.models.train_projector import train_projector
 
 
@@ -51,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = VisionLMAdapter()
     base = adapter.load(args.base, torch.float32, "cpu")
     model = base.model.resized(args.image_size)
-    data, train, _ = image_split(DataSpec(name="digits"))
-    if args.train_images < len(train):
-        train = np.sort(np.random.default_rng(args.seed).choice(train, args.train_images, replace=False))
+    data, train = digits_training_subset(args.train_images, args.seed)
     print(f"{args.base} at {args.image_size} px: {model.n_image_tokens} visual tokens; "
           f"{len(train)} training images", flush=True)
     for steps in args.steps:

@@ -136,22 +136,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def digits_training_subset(n: int | None, seed: int):
+    """The digits images and the indices of a seeded, sorted subset of ``n`` of their training split
+    (all of it when ``n`` is None or not smaller)."""
+    import numpy as np
+
+    from vlmprune.data.images import image_split
+
+    data, train, _ = image_split(DataSpec(name="digits"))
+    if n is not None and n < len(train):
+        train = np.sort(np.random.default_rng(seed).choice(train, n, replace=False))
+    return data, train
+
+
 def build_vision_lm(projector_steps: int, train_examples: int | None, batch_size: int = 8, lr: float = 2e-3,
                     image_size: int = 128, seed: int = 0):
     """The offline LLaVA-style model as the prepare stage builds it (``prepare.model: vision_lm``): packaged
     EfficientNet-lite0 -> a fresh projector -> SmolLM2-135M, the projector trained on a seeded subset of
     ``train_examples`` digits training images; without the prepare stage's full held-out evaluation (the
     dense row of the PAR grid measures it). Returns (adapter, loaded model, training seconds)."""
-    import numpy as np
-
     from vlmprune.adapters.vision_lm import VisionLMAdapter
-    from vlmprune.data.images import image_split
     from vlmprune.models.train_projector import train_projector
     from vlmprune.models.vision_lm import VisionLM
 
-    data, train, _ = image_split(DataSpec(name="digits"))
-    if train_examples is not None and train_examples < len(train):
-        train = np.sort(np.random.default_rng(seed).choice(train, train_examples, replace=False))
+    data, train = digits_training_subset(train_examples, seed)
     model, tokenizer = VisionLM.from_packaged(image_size=image_size, seed=seed)
     started = time.perf_counter()
     train_projector(model, tokenizer, data.subset(train), steps=projector_steps, batch_size=batch_size, lr=lr,
