@@ -1,11 +1,12 @@
 """PAR prefill latency, paired: dense and pruned prefill alternate on the same image (batch 1, 1 thread),
 so load drift on a shared machine cancels; prints the median of the per-pair speed-ups.
 
-    python -m benchmarks.tokens_paired MODEL_DIR ROUTER_DIR [--repeats 15]
+    python -m benchmarks.tokens_paired MODEL_DIR ROUTER_DIR [--repeats 15] [--spread 1.0]
     python -m benchmarks.tokens_paired MODEL_DIR [--repeats 15]     # no router: random keep-sets only
 
 ``prefill`` is pixels to first-token logits (vision tower and projector included); ``lm_prefill`` is
-the language model only. Two warm-up pairs per operating point are not counted.
+the language model only. Two warm-up pairs per operating point are not counted. ``--spread W`` adds
+the router with the spatial-spread prior of weight ``W`` (:mod:`vlmprune.par.spread`) at 50% and 25% tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vlmprune.par.engine import Plan, prefill
 from vlmprune.par.evaluate import vqa_set
 from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy
 from vlmprune.par.router import load_router
+from vlmprune.par.spread import SpreadPolicy
 
 # (policy, token keep ratio, layer keep ratio)
 POINTS = [("router", 0.5, 1.0), ("attention", 0.5, 1.0), ("router", 0.25, 1.0), ("router", 0.5, 0.75),
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("router", nargs="?", help="a router directory (router.json, router.safetensors)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--spread", type=float, default=0.0, help="with a router: also time router+spread (this weight)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         influence = json.loads((Path(args.router) / "router.json").read_text())["block_influence"]
         policies = {"router": RouterPolicy(load_router(args.router)), "attention": AttentionPolicy(influence)}
         points = POINTS
+        if args.spread > 0:
+            policies["router+spread"] = SpreadPolicy(policies["router"], args.spread)
+            points = POINTS + [("router+spread", 0.5, 1.0), ("router+spread", 0.25, 1.0)]
     else:
         policies, points = {"random": RandomPolicy(0)}, RANDOM_POINTS
 

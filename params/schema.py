@@ -308,6 +308,10 @@ class ParParams(Section):
         "straight-through masks) or contributions (rank tokens like their measured contributions; better with "
         "many visual tokens, benchmarks/results/router_training*.md)")
     token_subsets: int = Field(32, ge=2, description="contributions: random keep-sets measured per training image")
+    spread: float = Field(0.0, ge=0, description="weight of the spatial-spread prior (ordered dithering over the visual "
+                                                 "token grid, vlmprune/par/spread.py) added to the router's standardised "
+                                                 "token scores; > 0 adds the policies router+spread and dither (the prior "
+                                                 "alone) to evaluate_tokens; 1.0 helped with 196 tokens (README)")
     train_samples: int = Field(256, ge=1, description="unlabelled training-split images the router learns from")
     eval_samples: int | None = Field(200, ge=1, description="held-out images per operating point (all when null)")
     latency_repeats: int = Field(10, ge=1, description="timed runs per operating point (median reported)")

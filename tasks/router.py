@@ -1,8 +1,9 @@
 """PAR stages: ``train_router`` trains the meta-router (label-free, against the full outputs of the
 model it prunes) and saves it as ``router.safetensors`` + ``router.json``; ``evaluate_tokens``
 measures accuracy and batch-1 latency of every operating point for the router, the attention-score
-(FastV + Block Influence) and the random policies. Both write a "skipped" meta when ``par.enabled``
-is false.
+(FastV + Block Influence) and the random policies; with ``par.spread > 0`` also for the router plus
+the spatial-spread prior and for the prior alone (:mod:`vlmprune.par.spread`). Both write a
+"skipped" meta when ``par.enabled`` is false.
 
 ``par.model`` picks the model both stages load: ``dense`` (``model.id``) or ``pruned`` (the prune
 stage's ``artifacts/prune/model``, loaded as the evaluate stage loads it); that model's own 100%
@@ -38,6 +39,7 @@ from vlmprune.par.policies import AttentionPolicy, RandomPolicy, RouterPolicy, b
 from vlmprune.par.router import (
     MetaRouter, RouterConfig, load_router, model_fingerprint, recorded_fingerprint, save_router,
 )
+from vlmprune.par.spread import DitherPolicy, SpreadPolicy
 from vlmprune.par.train import make_examples, operating_points, train_router as fit_router
 from vlmprune.profiling import measure
 
@@ -153,6 +155,8 @@ def evaluate_tokens(params: RunParams) -> str:
         data = vqa_set(adapter, loaded, data_spec(params), "test", p.eval_samples)
         policies = {"router": RouterPolicy(router), "attention": AttentionPolicy(influence),
                     "random": RandomPolicy(p.seed)}
+        if p.spread > 0:
+            policies |= {"router+spread": SpreadPolicy(policies["router"], p.spread), "dither": DitherPolicy(p.seed)}
         if p.threads:
             torch.set_num_threads(p.threads)
         try:

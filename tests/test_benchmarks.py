@@ -538,3 +538,23 @@ def test_paired_prefill_without_a_router_times_random_keep_sets(tmp_path, capsys
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| random")]
     assert [(r[2].strip(), r[3].strip()) for r in rows] == [("50%", "100%"), ("25%", "100%")]
     assert all(float(r[6]) > 0 for r in rows)
+
+
+def test_spread_weight_sweep_rows(tmp_path, capsys, small_threads):
+    """benchmarks/spread_weights.py on a tiny LLaVA with an untrained router: dense, then dither, the router
+    and the router with each weight at each token ratio; accuracies and agreements are fractions."""
+    from benchmarks.spread_weights import main
+    from tests.tiny import build_tiny_llava, save_tiny
+    from vlmprune.par.decoder import decoder_of
+    from vlmprune.par.router import MetaRouter, RouterConfig, save_router
+
+    model, tokenizer = build_tiny_llava(text_layers=2)
+    path = save_tiny(model, tokenizer, tmp_path / "llava")
+    dec = decoder_of(model)
+    save_router(MetaRouter(RouterConfig(dec.hidden_size, dec.n_layers, 1, width=8)), tmp_path / "router")
+    main([str(path), str(tmp_path / "router"), "--weights", "0", "1", "--ratios", "0.5", "--n", "4"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "policy" not in line]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("dense", "100%"), ("dither", "50%"), ("router", "50%"), ("router+spread 1", "50%")]
+    assert all(0 <= float(r[3]) <= 1 and 0 <= float(r[4]) <= 1 for r in rows)

@@ -317,6 +317,11 @@ def test_stages_skip_when_disabled_and_run_on_tiny_llava(tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows)
     assert (tmp_path / "on" / "evaluate_tokens" / "accuracy_latency.png").read_bytes()[:4] == b"\x89PNG"
 
+    evaluate_tokens.fn(_params(model_dir, tmp_path / "on", spread=1.0))  # the same router, two more policies
+    rows = json.loads((tmp_path / "on" / "evaluate_tokens" / "metrics.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"dense", "router", "attention", "random", "router+spread", "dither"}
+    assert len(rows) == 1 + 5 * 3
+
 
 # ---- par.model: the router trained on the pruned model, registered beside it, loaded with it ----
 

@@ -231,7 +231,7 @@ def prefill(dec: Decoder, embeds: torch.Tensor, visual_mask: torch.Tensor, plan:
     h = prefix.hidden
     positions = torch.arange(T, device=embeds.device).unsqueeze(0).expand(B, -1)
     if n_tokens < n_visual:
-        index = kept_positions(visual_mask, policy.token_scores(prefix), n_tokens)
+        index = kept_positions(visual_mask, policy.token_scores(prefix, n_tokens), n_tokens)
         h, positions = _gather(h, index), positions.gather(1, index)
     cos, sin = rotary(dec, h, positions)
     keep = torch.ones(B, L, dtype=torch.bool, device=embeds.device)

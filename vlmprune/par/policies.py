@@ -1,6 +1,7 @@
 """Who decides which visual tokens and layers an operating point keeps.
 
-A policy has ``token_scores(prefix) -> (B, n)`` (higher = keep) and
+A policy has ``token_scores(prefix, n_keep) -> (B, n)`` (higher = keep; ``n_keep`` of the ``n`` will be
+kept) and
 ``layer_keep(prefix, n_keep, n_layers) -> (B, L - k)`` bool with ``n_keep`` True per row.
 
 - :class:`RouterPolicy`: PAR's meta-router (:mod:`vlmprune.par.router`), per input for both.
@@ -10,6 +11,7 @@ A policy has ``token_scores(prefix) -> (B, n)`` (higher = keep) and
   Men et al. 2024, arXiv:2403.03853): ``BI_l = 1 - E_t cos(h_t^{(l)}, h_t^{(l+1)})`` on unlabelled
   calibration inputs, the layers with the lowest BI skipped first.
 - :class:`RandomPolicy`: uniform random tokens and layers per input, from a seeded generator.
+- :class:`vlmprune.par.spread.SpreadPolicy`: another policy's token scores plus a spatial-spread prior.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RouterPolicy:
         self.router = router
 
     @torch.no_grad()
-    def token_scores(self, prefix: Prefix) -> torch.Tensor:
+    def token_scores(self, prefix: Prefix, n_keep: int | None = None) -> torch.Tensor:
         return self.router.token_scores(prefix.hidden, prefix.visual_mask)
 
     @torch.no_grad()
@@ -48,7 +50,7 @@ class AttentionPolicy:
         """``influence``: Block Influence of every layer 0..L-1 (:func:`block_influence`)."""
         self.influence = influence
 
-    def token_scores(self, prefix: Prefix) -> torch.Tensor:
+    def token_scores(self, prefix: Prefix, n_keep: int | None = None) -> torch.Tensor:
         B = prefix.hidden.shape[0]
         return prefix.last_attention[prefix.visual_mask].view(B, -1)
 
@@ -68,7 +70,7 @@ class RandomPolicy:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def token_scores(self, prefix: Prefix) -> torch.Tensor:
+    def token_scores(self, prefix: Prefix, n_keep: int | None = None) -> torch.Tensor:
         B, n = prefix.hidden.shape[0], int(prefix.visual_mask[0].sum())
         return torch.rand(B, n, generator=self.generator).to(prefix.hidden.device)
 
