@@ -35,7 +35,7 @@ def test_a_line_of_tokens_keeps_every_other_token_first(n):
 
 
 def test_prior_marks_exactly_n_keep_tokens():
-    for n, n_keep in [(196, 98), (196, 49), (16, 5), (7, 0), (7, 7)]:
+    for n, n_keep in [(196, 98), (196, 49), (16, 5), (7, 0), (7, 7), (1, 1)]:
         prior = spread_prior(n, n_keep)
         assert prior.shape == (n,) and prior.sum() == n_keep and set(prior.tolist()) <= {0.0, 1.0}
 

@@ -1,8 +1,8 @@
 """Who decides which visual tokens and layers an operating point keeps.
 
-A policy has ``token_scores(prefix, n_keep) -> (B, n)`` (higher = keep; ``n_keep`` of the ``n`` will be
-kept) and
-``layer_keep(prefix, n_keep, n_layers) -> (B, L - k)`` bool with ``n_keep`` True per row.
+A policy has ``token_scores(prefix, n_keep) -> (B, n)`` (higher = keep; the ``n_keep`` highest of the
+``n`` are kept) and ``layer_keep(prefix, n_keep, n_layers) -> (B, L - k)`` bool with ``n_keep`` True
+per row.
 
 - :class:`RouterPolicy`: PAR's meta-router (:mod:`vlmprune.par.router`), per input for both.
 - :class:`AttentionPolicy`: tokens by the attention they receive, FastV-style (Chen et al. 2024,

@@ -43,7 +43,7 @@ def bayer(m: int) -> torch.Tensor:
 
 
 def _bit_reversed(n: int) -> torch.Tensor:
-    bits = max(1, math.ceil(math.log2(n))) if n > 1 else 1
+    bits = max(1, math.ceil(math.log2(n)))
     index = torch.arange(n)
     out = torch.zeros(n, dtype=torch.long)
     for b in range(bits):
@@ -57,8 +57,7 @@ def dither_ranks(n: int) -> torch.Tensor:
         raise ValueError(f"need at least one visual token, got {n}")
     side = math.isqrt(n)
     if side * side == n:
-        m = max(0, math.ceil(math.log2(side))) if side > 1 else 0
-        value = bayer(m)[:side, :side].reshape(-1)
+        value = bayer(math.ceil(math.log2(side)))[:side, :side].reshape(-1)
     else:
         value = _bit_reversed(n)
     ranks = torch.empty(n, dtype=torch.long)
