@@ -22,6 +22,7 @@ offline VisionLM's feature grid); for any other layout it is only a heuristic.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -53,6 +54,13 @@ def _bit_reversed(n: int) -> torch.Tensor:
 
 def dither_ranks(n: int) -> torch.Tensor:
     """Rank (0 = first kept) of each of ``n`` visual tokens in raster order, by ordered dithering."""
+    return _ranks(n).clone()
+
+
+@lru_cache(maxsize=None)
+def _ranks(n: int) -> torch.Tensor:
+    """:func:`dither_ranks`, computed once per token count (every pruned prefill asks for it); never
+    handed out uncopied."""
     if n < 1:
         raise ValueError(f"need at least one visual token, got {n}")
     side = math.isqrt(n)
@@ -67,7 +75,7 @@ def dither_ranks(n: int) -> torch.Tensor:
 
 def spread_prior(n: int, n_keep: int) -> torch.Tensor:
     """(n,) float: 1 on the ``n_keep`` tokens of lowest dither rank, 0 elsewhere."""
-    return (dither_ranks(n) < n_keep).float()
+    return (_ranks(n) < n_keep).float()
 
 
 class SpreadPolicy:
