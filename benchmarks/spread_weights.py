@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     data = vqa_set(adapter, loaded, DataSpec(name="digits"), args.split, args.n, seed=args.seed)
     print(f"{args.model}: {int(decoder.visual_mask(data.input_ids).sum())} visual tokens, k = {router.config.k}, "
           f"{len(data.labels)} {args.split}-split images (seed {args.seed})")
-    print("| policy | tokens | accuracy | agreement with dense |")
+    n = len(data.labels)
+    print("| policy | tokens | accuracy (right/images) | agreement with dense |")
     print("|---|---|---|---|")
     for row in sweep(decoder, data, router, args.weights, args.ratios, router.config.k):
-        print(f"| {row['policy']} | {row['tokens']:.0%} | {row['accuracy']:.2f} | {row['agreement']:.2f} |", flush=True)
+        print(f"| {row['policy']} | {row['tokens']:.0%} | {row['accuracy']:.3f} ({round(row['accuracy'] * n)}/{n}) "
+              f"| {row['agreement']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -307,7 +307,11 @@ class ParParams(Section):
         "straight_through", description="how the router's token head learns: straight_through (KL through "
         "straight-through masks) or contributions (rank tokens like their measured contributions; better with "
         "many visual tokens, benchmarks/results/router_training*.md)")
-    token_subsets: int = Field(32, ge=2, description="contributions: random keep-sets measured per training image")
+    token_subsets: int = Field(32, ge=2, description="contributions: keep-sets measured per training image")
+    token_sets: Literal["random", "spread"] = Field(
+        "random", description="contributions: the keep-sets measured, uniformly random or the spread prior's "
+        "keep-set with random swaps (vlmprune/par/contributions.py; pair with par.spread > 0: the router then "
+        "learns what to change in the prior's keep-set, README)")
     spread: float = Field(0.0, ge=0, description="weight of the spatial-spread prior (ordered dithering over the visual "
                                                  "token grid, vlmprune/par/spread.py) added to the router's standardised "
                                                  "token scores; > 0 adds the policies router+spread and dither (the prior "

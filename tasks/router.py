@@ -118,7 +118,7 @@ def train_router(params: RunParams) -> str:
                                          list(p.token_ratios), list(p.layer_ratios))).to(device)
         started = time.perf_counter()
         losses = fit_router(dec, router, examples, p.steps, p.lr, p.batch_size, p.seed, progress=True,
-                            token_loss=p.token_loss, n_subsets=p.token_subsets)
+                            token_loss=p.token_loss, n_subsets=p.token_subsets, token_sets=p.token_sets)
         train_s = time.perf_counter() - started
     tail = max(1, len(losses) // 10)
     metrics = {"loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail,

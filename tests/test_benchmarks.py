@@ -557,4 +557,7 @@ def test_spread_weight_sweep_rows(tmp_path, capsys, small_threads):
             if line.startswith("| ") and "policy" not in line]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("dense", "100%"), ("dither", "50%"), ("router", "50%"), ("router+spread 1", "50%")]
-    assert all(0 <= float(r[3]) <= 1 and 0 <= float(r[4]) <= 1 for r in rows)
+    for r in rows:  # accuracy "0.750 (3/4)": the fraction and the count agree
+        accuracy, count = r[3].split()
+        right, n = map(int, count.strip("()").split("/"))
+        assert n == 4 and float(accuracy) == pytest.approx(right / n, abs=5e-4) and 0 <= float(r[4]) <= 1

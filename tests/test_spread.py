@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from tests.test_tokens import N_VISUAL, llava, prompt  # noqa: F401  (llava: the module's tiny-LLaVA fixture)
+from vlmprune.par.contributions import swapped_spread_set, token_contributions
 from vlmprune.par.engine import Plan, Prefix, generate, kept_positions, prefill, run_prefix
 from vlmprune.par.spread import DitherPolicy, SpreadPolicy, bayer, dither_ranks, spread_prior
+from vlmprune.par.train import make_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -108,3 +110,42 @@ def test_par_spread_must_not_be_negative():
 
     with pytest.raises(ParamsError, match=r"par\.spread"):
         validate({"par": {"spread": -0.5}})
+
+
+# ---- contributions measured around the prior's keep-set (par.token_sets: spread) ----
+
+@pytest.mark.parametrize("n, size, low, high", [(196, 98, 4, 24), (196, 49, 2, 12), (16, 8, 1, 2), (10, 9, 1, 1)])
+def test_swapped_spread_sets_swap_between_low_and_high_tokens_of_the_prior_set(n, size, low, high):
+    """m tokens of the prior's keep-set swapped for m outside it, m uniform on {low .. high} with
+    high = min(max(2, s // 4), s, n - s) and low = min(max(1, s // 24), high), computed here by hand."""
+    prior = spread_prior(n, size).bool()
+    generator = torch.Generator().manual_seed(0)
+    swaps = []
+    for _ in range(300):
+        keep = swapped_spread_set(n, size, generator)
+        assert int(keep.sum()) == size
+        swaps.append(int((prior & ~keep).sum()))
+        assert int((keep & ~prior).sum()) == swaps[-1]
+    assert min(swaps) == low and max(swaps) == high
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(swapped_spread_set(n, size, again), swapped_spread_set(n, size, torch.Generator().manual_seed(0)))
+
+
+def test_token_contributions_draw_the_keep_sets_they_are_told(llava):  # noqa: F811
+    model, _, dec = llava
+    ids, pixels = prompt(model, batch=2)
+    examples = make_examples(dec, ids[:1], pixels, k=1, max_new_tokens=2, batch_size=2)
+    spread = token_contributions(dec, examples, 1, [0.5], n_subsets=8, sets="spread")
+    assert spread.shape == (2, N_VISUAL) and torch.isfinite(spread).all()
+    assert torch.equal(spread, token_contributions(dec, examples, 1, [0.5], n_subsets=8, sets="spread"))
+    assert not torch.equal(spread, token_contributions(dec, examples, 1, [0.5], n_subsets=8, sets="random"))
+    with pytest.raises(ValueError, match="random, spread"):
+        token_contributions(dec, examples, 1, [0.5], n_subsets=8, sets="nearby")
+
+
+def test_par_token_sets_is_random_or_spread():
+    from params.schema import ParamsError, validate
+
+    assert validate({"par": {"token_sets": "spread"}}).par.token_sets == "spread"
+    with pytest.raises(ParamsError, match=r"par\.token_sets.*'random' or 'spread'"):
+        validate({"par": {"token_sets": "nearby"}})

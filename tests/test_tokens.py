@@ -317,7 +317,9 @@ def test_stages_skip_when_disabled_and_run_on_tiny_llava(tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows)
     assert (tmp_path / "on" / "evaluate_tokens" / "accuracy_latency.png").read_bytes()[:4] == b"\x89PNG"
 
-    evaluate_tokens.fn(_params(model_dir, tmp_path / "on", spread=1.0))  # the same router, two more policies
+    spread = _params(model_dir, tmp_path / "on", spread=1.0, token_loss="contributions", token_sets="spread")
+    train_stage.fn(spread)  # a router that learned around the prior's keep-set; then two more policies
+    evaluate_tokens.fn(spread)
     rows = json.loads((tmp_path / "on" / "evaluate_tokens" / "metrics.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"dense", "router", "attention", "random", "router+spread", "dither"}
     assert len(rows) == 1 + 5 * 3

@@ -18,8 +18,8 @@ exactly the pruned model; gradients reach the scores by straight-through estimat
   ``h_{l+1} = h_l + g_l (f_l(h_l) - h_l)``.
 
 With ``token_loss="contributions"`` the token head is trained instead to rank the visual tokens
-like their measured contributions (:mod:`vlmprune.par.contributions`: ``n_subsets`` random keep-sets
-per training input, a ridge fit of their KL), by the ListNet loss (Cao et al., ICML 2007)
+like their measured contributions (:mod:`vlmprune.par.contributions`: ``n_subsets`` keep-sets per
+training input, random or around the spread prior's keep-set (``token_sets``), a ridge fit of their KL), by the ListNet loss (Cao et al., ICML 2007)
 ``- sum_j softmax(z)_j log softmax(s)_j`` with ``z`` the per-input standardised contributions; the
 straight-through masks then carry no gradient to the token head (its hard top-k still decides the
 tokens while the layer head trains). Which is better depends on the model
@@ -177,11 +177,12 @@ TOKEN_LOSSES = ("straight_through", "contributions")
 
 def train_router(dec: Decoder, router: MetaRouter, examples: Examples, steps: int, lr: float, batch_size: int,
                  seed: int = 0, points: list[tuple[float, float]] | None = None, progress: bool = False,
-                 token_loss: str = "straight_through", n_subsets: int = 32) -> list[float]:
+                 token_loss: str = "straight_through", n_subsets: int = 32, token_sets: str = "random") -> list[float]:
     """AdamW on the router only, ``steps`` steps of ``batch_size`` examples, one operating point per
     step drawn from ``points`` (default: the router's grid without the dense point). ``token_loss``:
     how the token head learns (module docstring); with ``"contributions"`` they are measured first on
-    ``n_subsets`` keep-sets per example at the points' token ratios. Returns the loss of every step."""
+    ``n_subsets`` keep-sets per example at the points' token ratios, drawn as ``token_sets`` says
+    (:func:`vlmprune.par.contributions.token_contributions`). Returns the loss of every step."""
     if token_loss not in TOKEN_LOSSES:
         raise ValueError(f"unknown token_loss {token_loss!r}; known: {', '.join(TOKEN_LOSSES)}")
     c = router.config
@@ -194,7 +195,8 @@ def train_router(dec: Decoder, router: MetaRouter, examples: Examples, steps: in
     if ranked and token_ratios:
         from vlmprune.par.contributions import token_contributions  # that module builds on this one
 
-        contributions = token_contributions(dec, examples, c.k, token_ratios, n_subsets, seed=seed, progress=progress)
+        contributions = token_contributions(dec, examples, c.k, token_ratios, n_subsets, seed=seed, progress=progress,
+                                            sets=token_sets)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr)
