@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     decoder = decoder_of(loaded.model)
     router = load_router(args.router)
     data = vqa_set(adapter, loaded, DataSpec(name="digits"), args.split, args.n, seed=args.seed)
-    print(f"{args.model}: {int(decoder.visual_mask(data.input_ids).sum())} visual tokens, k = {router.config.k}, "
-          f"{len(data.labels)} {args.split}-split images (seed {args.seed})")
     n = len(data.labels)
+    print(f"{args.model}: {int(decoder.visual_mask(data.input_ids).sum())} visual tokens, k = {router.config.k}, "
+          f"{n} {args.split}-split images (seed {args.seed})")
     print("| policy | tokens | accuracy (right/images) | agreement with dense |")
     print("|---|---|---|---|")
     for row in sweep(decoder, data, router, args.weights, args.ratios, router.config.k):

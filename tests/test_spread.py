@@ -127,8 +127,8 @@ def test_swapped_spread_sets_swap_between_low_and_high_tokens_of_the_prior_set(n
         swaps.append(int((prior & ~keep).sum()))
         assert int((keep & ~prior).sum()) == swaps[-1]
     assert min(swaps) == low and max(swaps) == high
-    again = torch.Generator().manual_seed(0)
-    assert torch.equal(swapped_spread_set(n, size, again), swapped_spread_set(n, size, torch.Generator().manual_seed(0)))
+    first, second = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(swapped_spread_set(n, size, first), swapped_spread_set(n, size, second))
 
 
 def test_token_contributions_draw_the_keep_sets_they_are_told(llava):  # noqa: F811

@@ -35,8 +35,10 @@ from tqdm.auto import tqdm
 
 from vlmprune.par.decoder import Decoder
 from vlmprune.par.engine import check_batch, keep_count
-from vlmprune.par.spread import dither_ranks
+from vlmprune.par.spread import spread_prior
 from vlmprune.par.train import Examples, answer_kl, key_weights
+
+KEEP_SETS = ("random", "spread")
 
 
 @torch.no_grad()
@@ -63,9 +65,6 @@ def token_contributions(dec: Decoder, examples: Examples, k: int, ratios: list[f
     return torch.stack(out)
 
 
-KEEP_SETS = ("random", "spread")
-
-
 def random_set(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """Bool (n,): ``size`` tokens drawn uniformly."""
     keep = torch.zeros(n, dtype=torch.bool)
@@ -76,7 +75,7 @@ def random_set(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
 def swapped_spread_set(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """Bool (n,): the spread prior's keep-set of ``size`` tokens with ``m`` of them swapped for ``m``
     tokens outside it (module docstring, ``sets="spread"``)."""
-    keep = dither_ranks(n) < size
+    keep = spread_prior(n, size).bool()
     high = min(max(2, size // 4), size, n - size)
     low = min(max(1, size // 24), high)
     m = int(torch.randint(low, high + 1, (1,), generator=generator))

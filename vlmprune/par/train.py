@@ -19,7 +19,8 @@ exactly the pruned model; gradients reach the scores by straight-through estimat
 
 With ``token_loss="contributions"`` the token head is trained instead to rank the visual tokens
 like their measured contributions (:mod:`vlmprune.par.contributions`: ``n_subsets`` keep-sets per
-training input, random or around the spread prior's keep-set (``token_sets``), a ridge fit of their KL), by the ListNet loss (Cao et al., ICML 2007)
+training input, random or around the spread prior's keep-set (``token_sets``), a ridge fit of their
+KL), by the ListNet loss (Cao et al., ICML 2007)
 ``- sum_j softmax(z)_j log softmax(s)_j`` with ``z`` the per-input standardised contributions; the
 straight-through masks then carry no gradient to the token head (its hard top-k still decides the
 tokens while the layer head trains). Which is better depends on the model
@@ -177,7 +178,8 @@ TOKEN_LOSSES = ("straight_through", "contributions")
 
 def train_router(dec: Decoder, router: MetaRouter, examples: Examples, steps: int, lr: float, batch_size: int,
                  seed: int = 0, points: list[tuple[float, float]] | None = None, progress: bool = False,
-                 token_loss: str = "straight_through", n_subsets: int = 32, token_sets: str = "random") -> list[float]:
+                 token_loss: str = "straight_through", n_subsets: int = 32,
+                 token_sets: str = "random") -> list[float]:
     """AdamW on the router only, ``steps`` steps of ``batch_size`` examples, one operating point per
     step drawn from ``points`` (default: the router's grid without the dense point). ``token_loss``:
     how the token head learns (module docstring); with ``"contributions"`` they are measured first on
