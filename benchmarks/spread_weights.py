@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     adapter = ADAPTERS.get(detect_family(args.model))()
     loaded = adapter.load(args.model, torch.float32, "cpu")
-    decoder = decoder_of(loaded.model)
+    decoder = decoder_of(adapter.for_inference(loaded.model))  # as the PAR stages run it
     router = load_router(args.router)
     data = vqa_set(adapter, loaded, DataSpec(name="digits"), args.split, args.n, seed=args.seed)
     n = len(data.labels)

@@ -40,7 +40,9 @@ def load(args):
         model, tokenizer = build_tiny_llava(text_layers=4)
         return ADAPTERS.get("llava")(), LoadedModel(model, tokenizer)
     adapter = ADAPTERS.get(detect_family(args.model))()
-    return adapter, adapter.load(args.model, torch.float32, "cpu")
+    loaded = adapter.load(args.model, torch.float32, "cpu")
+    adapter.for_inference(loaded.model)  # as the PAR stages run it
+    return adapter, loaded
 
 
 def run_par(adapter, loaded, data: str = "digits", router_dir: str | None = None, k: int = 2,

@@ -75,6 +75,7 @@ def _load(params: RunParams, model_id: str):
     adapter, loaded = load_model(params, model_id)
     if not isinstance(adapter, ImageToTextAdapter):
         raise ValueError(f"par needs an image-to-text model (llava, vision_lm); model.family is {adapter.family!r}")
+    adapter.for_inference(loaded.model)  # both stages only run the model (vision_lm: BatchNorm folded)
     return adapter, loaded, decoder_of(loaded.model)
 
 

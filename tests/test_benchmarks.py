@@ -529,15 +529,20 @@ def test_router_training_measures_only_the_heads_asked_for(tmp_path, small_threa
 
 
 def test_paired_prefill_without_a_router_times_random_keep_sets(tmp_path, capsys, small_threads):
-    """benchmarks/tokens_paired.py with only a model: one row per token ratio, random keep-sets, speed-ups > 0."""
+    """benchmarks/tokens_paired.py with only a model: one row per token ratio, random keep-sets, speed-ups > 0,
+    the vision part of the dense prefill between 0 and the whole."""
     from benchmarks.tokens_paired import main
     from tests.tiny import build_tiny_llava, save_tiny
 
     model = save_tiny(*build_tiny_llava(text_layers=2), tmp_path / "llava")
     main([str(model), "--repeats", "1", "--k", "1"])
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| random")]
-    assert [(r[2].strip(), r[3].strip()) for r in rows] == [("50%", "100%"), ("25%", "100%")]
-    assert all(float(r[6]) > 0 for r in rows)
+    lines = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, rows = [c.strip() for c in lines[0]], [dict(zip([c.strip() for c in lines[0]], r)) for r in lines[1:]]
+    assert header[:6] == ["policy", "tokens", "layers", "dense prefill ms", "of which vision ms", "pruned prefill ms"]
+    assert [(r["policy"].strip(), r["tokens"].strip(), r["layers"].strip()) for r in rows] == [
+        ("random", "50%", "100%"), ("random", "25%", "100%")]
+    assert all(float(r["prefill x (median of pairs)"]) > 0 for r in rows)
+    assert all(0 <= float(r["of which vision ms"]) <= float(r["dense prefill ms"]) for r in rows)
 
 
 def test_spread_weight_sweep_rows(tmp_path, capsys, small_threads):

@@ -240,6 +240,38 @@ def test_a_resized_model_shares_its_weights_and_trains_on_from_them():
     assert not all(torch.equal(v, big.projector.state_dict()[k]) for k, v in start.items())  # reset by default
 
 
+def test_folding_for_inference_keeps_the_visual_tokens_and_the_zeros(tmp_path):
+    """fold_for_inference on BatchNorms with non-trivial statistics: the same visual tokens up to float
+    rounding, no BatchNorm and no symmetric padding module left, a pruned convolution's zeros kept;
+    a folded model refuses to be saved, trained or resized."""
+    model, _ = build_tiny_vision_lm(seed=2)
+    generator = torch.Generator().manual_seed(0)
+    for module in model.vision.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -1, 1), (module.running_var, 0.5, 2),
+                                      (module.weight.data, 0.5, 1.5), (module.bias.data, -0.5, 0.5)):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    project = model.vision._blocks[1]._project_conv
+    project.weight.data[:, ::2] = 0  # pruned: every other input channel
+    pixels = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        before = model.image_features(pixels)
+        model.fold_for_inference()
+        after = model.image_features(pixels)
+    modules = list(model.vision.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules)
+    assert not any(isinstance(m, torch.nn.ZeroPad2d) and len(set(m.padding)) == 1 for m in modules)
+    assert any(isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0) for m in modules)  # padding moved in
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    folded = model.vision._blocks[1]._project_conv.weight
+    assert (folded[:, ::2] == 0).all() and (folded[:, 1::2] != 0).all()
+    model.eval()  # still allowed
+    assert torch.equal(model.fold_for_inference().image_features(pixels), after)  # a second fold changes nothing
+    for refused in (lambda: model.save_pretrained(tmp_path), model.train, lambda: model.resized(128)):
+        with pytest.raises(RuntimeError, match="fold_for_inference"):
+            refused()
+
+
 def test_many_tokens_script_builds_a_larger_model_from_a_trained_one(tiny, tmp_path):
     """benchmarks/many_tokens.py: the saved model reads the larger images (more visual tokens), its towers are
     the base's, and its projector moved on from the base's."""

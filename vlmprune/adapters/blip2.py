@@ -67,6 +67,11 @@ class ImageToTextAdapter(ModelAdapter):
     caption_prompt = ""  # text before the caption in calibration sequences
 
     # --- family specifics ------------------------------------------------------------------
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """``model`` rewritten in place into a faster form of the same function (up to float rounding),
+        for inference only; here unchanged (a family with such a rewrite overrides this)."""
+        return model
+
     def vision_tower(self, model: nn.Module) -> Tower:
         raise NotImplementedError
 

@@ -56,6 +56,10 @@ class VisionLMAdapter(ImageToTextAdapter):
     def matches(cls, model_id: str) -> bool:
         return is_vision_lm_dir(model_id)
 
+    def for_inference(self, model: VisionLM) -> VisionLM:
+        """BatchNorm folded into the convolutions, channels-last (:meth:`VisionLM.fold_for_inference`)."""
+        return model.fold_for_inference()
+
     # --- family specifics ------------------------------------------------------------------
     def vision_tower(self, model: VisionLM) -> Tower:
         blocks = [(f"vision._blocks.{i}", b) for i, b in enumerate(model.vision._blocks)]
