@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         policies, points = {"random": RandomPolicy(0)}, RANDOM_POINTS
 
     print(f"{args.model}: {int(decoder.visual_mask(data.input_ids).sum())} visual tokens in a prompt of "
-          f"{data.input_ids.shape[1]}, k = {args.k}, 1 thread, vision tower {'as saved' if args.no_fold else 'folded'}")
+          f"{data.input_ids.shape[1]}, k = {args.k}, 1 thread, vision tower {'folded' if getattr(loaded.model, 'folded', False) else 'as saved'}")
 
     print("| policy | tokens | layers | dense prefill ms | of which vision ms | pruned prefill ms "
           "| prefill x (median of pairs) | lm_prefill x |")

@@ -537,7 +537,8 @@ def test_paired_prefill_without_a_router_times_random_keep_sets(tmp_path, capsys
     model = save_tiny(*build_tiny_llava(text_layers=2), tmp_path / "llava")
     main([str(model), "--repeats", "1", "--k", "1"])
     lines = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    header, rows = [c.strip() for c in lines[0]], [dict(zip([c.strip() for c in lines[0]], r)) for r in lines[1:]]
+    header = [c.strip() for c in lines[0]]
+    rows = [dict(zip(header, r)) for r in lines[1:]]
     assert header[:6] == ["policy", "tokens", "layers", "dense prefill ms", "of which vision ms", "pruned prefill ms"]
     assert [(r["policy"].strip(), r["tokens"].strip(), r["layers"].strip()) for r in rows] == [
         ("random", "50%", "100%"), ("random", "25%", "100%")]

@@ -38,8 +38,6 @@ from vlmprune.par.engine import check_batch, keep_count
 from vlmprune.par.spread import spread_prior
 from vlmprune.par.train import Examples, answer_kl, key_weights
 
-KEEP_SETS = ("random", "spread")
-
 
 @torch.no_grad()
 def token_contributions(dec: Decoder, examples: Examples, k: int, ratios: list[float], n_subsets: int = 32,
@@ -55,7 +53,7 @@ def token_contributions(dec: Decoder, examples: Examples, k: int, ratios: list[f
     n = check_batch(examples.visual_mask[:, :examples.prompt_len])
     sizes = [keep_count(n, r) for r in ratios]
     generator = torch.Generator().manual_seed(seed)
-    draw = swapped_spread_set if sets == "spread" else random_set
+    draw = KEEP_SETS[sets]
     out = []
     for i in tqdm(range(len(examples)), desc="token contributions", disable=not progress):
         keep = torch.stack([draw(n, sizes[r % len(sizes)], generator) for r in range(n_subsets)])
@@ -84,6 +82,9 @@ def swapped_spread_set(n: int, size: int, generator: torch.Generator) -> torch.T
     added = outside[torch.randperm(len(outside), generator=generator)[:m]]
     keep[dropped], keep[added] = False, True
     return keep
+
+
+KEEP_SETS = {"random": random_set, "spread": swapped_spread_set}  # par.token_sets -> how one keep-set is drawn
 
 
 def fit_contributions(keep: torch.Tensor, distance: torch.Tensor, ridge: float) -> torch.Tensor:
