@@ -175,6 +175,11 @@ class ScoringParams(Section):
     difference: Literal["central", "forward"] = Field(
         "central", description="zeroth_order: central (2 forwards per block, the reference) or forward "
                                "(1 forward per block, reuses the clean loss; needs cache_inputs)")
+    granularity: Literal["group", "tensor"] = Field(
+        "group", description="zeroth_order: perturb a whole group (block) along one direction, or each weight "
+                             "tensor alone (the reference estimator; about 7x the forwards on a LLaMA block)")
+    n_directions: int = Field(1, ge=1, description="zeroth_order: random directions per unit and batch, averaged "
+                                                   "(the reference: 1)")
 
     @field_validator("method")
     @classmethod

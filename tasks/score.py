@@ -13,19 +13,22 @@ from vlmprune.scorers import SCORERS
 
 
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
-    """First-order: activation checkpointing. Zeroth-order: the blocks of every tower, so perturbed
-    forwards start at their block; on an offloaded model, the perturbed group is held in place."""
+    """First-order: activation checkpointing. Zeroth-order: the unit perturbed together (a group or one
+    tensor) and the directions per batch; the blocks of every tower, so perturbed forwards start at their
+    block; on an offloaded model, the perturbed group is held in place."""
     s = params.scoring
     if s.method == "first_order":
         return {"checkpointing": s.checkpointing}
     if s.method != "zeroth_order":
         return {}
-    held = {"hold": loaded.offload.read_only} if loaded.offload else {}
+    options = {"granularity": s.granularity, "n_directions": s.n_directions}
+    if loaded.offload:
+        options["hold"] = loaded.offload.read_only
     if not s.cache_inputs:
-        return held
+        return options
     towers = adapter.towers(loaded.model)
     return {
-        **held,
+        **options,
         "blocks": {name: module for tower in towers for name, module in tower.groups},
         "towers": {tower.name: [name for name, _ in tower.groups] for tower in towers},
         "difference": s.difference,

@@ -43,6 +43,7 @@ def test_unknown_key_names_field(tmp_path):
     ("pruning", "pattern", "3:2", "N:M"),
     ("calibration", "seed", -1, "greater than or equal to 0"),
     ("model", "device", "gpu", "cpu, auto, cuda"),
+    ("scoring", "granularity", "layer", "'group' or 'tensor'"),
 ])
 def test_bad_values_list_allowed(section, key, value, expected):
     with pytest.raises(ParamsError) as error:

@@ -72,6 +72,30 @@ def test_same_seed_same_calibration_and_masks(wanda_run, tiny_dual_encoder_dir, 
     assert digest(artifacts) == digest(tmp_path / "artifacts")
 
 
+@pytest.mark.parametrize("cache_inputs", [True, False])
+def test_score_stage_perturbs_the_unit_the_params_name(wanda_run, tiny_dual_encoder_dir, tmp_path, cache_inputs):
+    """scoring.granularity and scoring.n_directions reach the zeroth-order scorer: central differences
+    cost 2 forwards per unit, batch and direction, on top of the clean forwards of the block cache."""
+    params, artifacts = wanda_run
+    passes, layers = {}, {}
+    for granularity, directions in (("group", 1), ("tensor", 1), ("tensor", 2)):
+        root = tmp_path / f"{granularity}{directions}"
+        run = tiny_params(tiny_dual_encoder_dir, root, scoring={
+            "method": "zeroth_order", "granularity": granularity, "n_directions": directions,
+            "cache_inputs": cache_inputs})
+        root.mkdir()
+        (root / "calibrate").symlink_to(artifacts / "calibrate")
+        TASKS["score"].fn(run)
+        scores = json.loads((root / "score" / "scores.json").read_text())
+        passes[granularity, directions] = scores["forward_passes"]
+        layers = {g["name"]: len(g["layers"]) for g in scores["groups"]}
+    batches = params.scoring.n_samples // params.scoring.batch_size
+    n_groups, n_tensors = len(layers), sum(layers.values())
+    assert n_tensors > n_groups
+    assert passes["tensor", 1] - passes["group", 1] == 2 * (n_tensors - n_groups) * batches
+    assert passes["tensor", 2] - passes["tensor", 1] == 2 * n_tensors * batches
+
+
 def test_other_seed_changes_calibration(wanda_run, tiny_dual_encoder_dir, tmp_path):
     params, artifacts = wanda_run
     other = tiny_params(tiny_dual_encoder_dir, tmp_path / "a", calibration={"seed": 1})
