@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -329,7 +330,8 @@ def write(path: Path, args, label, tower_names, space, evaluations, started, row
         columns += ["search loss", "held-out loss", "loss gap"]
     columns += ["penalty", "chosen", "new", "cost s", "wall s"]
     text = (f"{describe(args, label, space, evaluations)}\n"
-            f"Machine: {machine()} (shared with other jobs during the run: wall times are noisy upper bounds).\n"
+            f"Machine: {machine()}; 1-minute load average when written: {os.getloadavg()[0]:.1f} (other jobs "
+            f"on the machine inflate the wall times).\n"
             f"Command: {args.command()}\n"
             f"Total wall time so far: {time.perf_counter() - started:.0f} s.\n\n"
             f"{markdown_table(rows, columns)}\n")
