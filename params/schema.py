@@ -190,9 +190,10 @@ class ScoringParams(Section):
 
     @model_validator(mode="after")
     def _difference(self):
-        if self.difference == "forward" and not (self.method == "zeroth_order" and self.cache_inputs):
-            raise ValueError("scoring.difference 'forward' needs scoring.method: zeroth_order and "
-                             "scoring.cache_inputs: true (it reuses the clean loss of the cached forward)")
+        # only zeroth-order scores read it, so a sweep may switch scoring.method without touching it
+        if self.method == "zeroth_order" and self.difference == "forward" and not self.cache_inputs:
+            raise ValueError("scoring.difference 'forward' needs scoring.cache_inputs: true (it reuses the clean "
+                             "loss of the cached forward)")
         return self
 
 

@@ -64,3 +64,11 @@ def test_cross_section_checks():
         validate({"allocation": {"method": "ecoflap"}, "scoring": {"method": "none"}})
     with pytest.raises(ParamsError, match="s_max"):
         validate({"allocation": {"s_max": 0.4}, "pruning": {"sparsity": 0.5}})
+
+
+def test_forward_differences_need_the_block_cache_only_for_zeroth_order_scores():
+    with pytest.raises(ParamsError, match="scoring.cache_inputs"):
+        validate({"scoring": {"method": "zeroth_order", "difference": "forward", "cache_inputs": False}})
+    for method in ("none", "first_order"):  # the setting is unused there: a sweep may switch the method alone
+        raw = {"scoring": {"method": method, "difference": "forward"}, "allocation": {"method": "uniform"}}
+        assert validate(raw).scoring.difference == "forward"
