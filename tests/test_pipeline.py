@@ -77,7 +77,7 @@ def test_score_stage_perturbs_the_unit_the_params_name(wanda_run, tiny_dual_enco
     """scoring.granularity and scoring.n_directions reach the zeroth-order scorer: central differences
     cost 2 forwards per unit, batch and direction, on top of the clean forwards of the block cache."""
     params, artifacts = wanda_run
-    passes, layers = {}, {}
+    passes = {}
     for granularity, directions in (("group", 1), ("tensor", 1), ("tensor", 2)):
         root = tmp_path / f"{granularity}{directions}"
         run = tiny_params(tiny_dual_encoder_dir, root, scoring={
@@ -88,7 +88,7 @@ def test_score_stage_perturbs_the_unit_the_params_name(wanda_run, tiny_dual_enco
         TASKS["score"].fn(run)
         scores = json.loads((root / "score" / "scores.json").read_text())
         passes[granularity, directions] = scores["forward_passes"]
-        layers = {g["name"]: len(g["layers"]) for g in scores["groups"]}
+    layers = {g["name"]: len(g["layers"]) for g in scores["groups"]}  # the layout, the same in every run
     batches = params.scoring.n_samples // params.scoring.batch_size
     n_groups, n_tensors = len(layers), sum(layers.values())
     assert n_tensors > n_groups
