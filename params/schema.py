@@ -66,6 +66,9 @@ class VisionLMPrepareParams(Section):
 
     image_size: int = Field(128, ge=32, le=512, description="input size; EfficientNet gives ceil(size/32)^2 tokens")
     feature_grid: int | None = Field(None, ge=1, le=16, description="average-pool the feature map to this grid (null: as is)")
+    feature_blocks: int | None = Field(None, ge=1, le=16, description="read the output of the first n of EfficientNet-"
+                                       "lite0's 16 MBConv blocks (11: stride 16, ceil(size/16)^2 tokens of 112 "
+                                       "channels); null: all blocks and the head")
     steps: int = Field(150, ge=1, le=100_000)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)
@@ -314,7 +317,7 @@ class ParParams(Section):
         "straight-through masks) or contributions (rank tokens like their measured contributions; better with "
         "many visual tokens, benchmarks/results/router_training*.md)")
     token_subsets: int = Field(32, ge=2, description="contributions: keep-sets measured per training image")
-    token_sets: Literal["random", "spread"] = Field(
+    token_sets: str = Field(
         "random", description="contributions: the keep-sets measured, uniformly random or the spread prior's "
         "keep-set with random swaps (vlmprune/par/contributions.py; pair with par.spread > 0: the router then "
         "learns what to change in the prior's keep-set, README)")
@@ -327,6 +330,15 @@ class ParParams(Section):
     latency_repeats: int = Field(10, ge=1, description="timed runs per operating point (median reported)")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads while timing (null = unchanged)")
     seed: int = Field(0, ge=0)
+
+    @field_validator("token_sets")
+    @classmethod
+    def _token_sets(cls, v: str) -> str:
+        from vlmprune.par.contributions import KEEP_SETS  # imported here: it loads transformers' LLaMA
+
+        if v not in KEEP_SETS:
+            raise ValueError(f"par.token_sets {v!r} is not one of: {', '.join(KEEP_SETS)}")
+        return v
 
     @field_validator("token_ratios", "layer_ratios")
     @classmethod

@@ -66,7 +66,7 @@ def prepare_vision_lm(params: RunParams, out: Path) -> str:
     if p.train_examples is not None and p.train_examples < len(train):
         train = np.sort(np.random.default_rng(params.prepare.seed).choice(train, p.train_examples, replace=False))
     model, tokenizer = VisionLM.from_packaged(image_size=p.image_size, feature_grid=p.feature_grid,
-                                              seed=params.prepare.seed)
+                                              feature_blocks=p.feature_blocks, seed=params.prepare.seed)
     with measure() as training:
         result = train_projector(model, tokenizer, data.subset(train), steps=p.steps, batch_size=p.batch_size,
                                  lr=p.lr, seed=params.prepare.seed)

@@ -147,5 +147,5 @@ def test_par_token_sets_is_random_or_spread():
     from params.schema import ParamsError, validate
 
     assert validate({"par": {"token_sets": "spread"}}).par.token_sets == "spread"
-    with pytest.raises(ParamsError, match=r"par\.token_sets.*'random' or 'spread'"):
+    with pytest.raises(ParamsError, match=r"par\.token_sets 'nearby' is not one of: random, spread"):
         validate({"par": {"token_sets": "nearby"}})

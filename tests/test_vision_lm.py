@@ -73,6 +73,42 @@ def test_feature_grid_average_pools_the_feature_map(tiny):
     assert torch.allclose(mean[:, 0], cells.mean(1), atol=1e-6)
 
 
+def test_feature_blocks_reads_an_inner_block_and_drops_the_rest(tiny, tmp_path):
+    """feature_blocks = n: the visual tokens are the output of the stem and the first n MBConv blocks
+    (stride 16 after 11 blocks, so 4 x 4 tokens at 64 px, with that block's channels); the later
+    blocks and the head are gone from the model, its saved weights and the pruned groups; the model
+    saves, loads and folds with the same tokens; an n outside the tower is refused by name."""
+    model, tokenizer = tiny
+    config = type(model.config)(**{**vars(model.config), "feature_blocks": 11})
+    inner = VisionLM(config).eval()
+    kept = set(inner.state_dict())
+    inner.load_state_dict({k: v for k, v in model.state_dict().items()  # the stem and first 11 blocks
+                           if k in kept and not k.startswith("projector.")}, strict=False)
+    pixels = torch.randn(2, 3, 64, 64)
+    vision = model.vision
+    with torch.no_grad():
+        maps = vision._swish(vision._bn0(vision._conv_stem(pixels)))
+        for block in vision._blocks[:11]:
+            maps = block(maps)
+        tokens = inner.image_features(pixels)
+    assert inner.n_image_tokens == math.ceil(64 / 16) ** 2 == tokens.shape[1]
+    assert torch.equal(tokens, maps.flatten(2).transpose(1, 2))
+    assert inner.projector[0].in_features == maps.shape[1] < model.projector[0].in_features
+    names = set(inner.state_dict())
+    assert not any(n.startswith(("vision._blocks.11.", "vision._conv_head", "vision._bn1")) for n in names)
+    assert [name for name, _ in VisionLMAdapter().vision_tower(inner).groups] == [f"vision._blocks.{i}" for i in range(11)]
+
+    VisionLMAdapter().save(LoadedModel(inner, tokenizer), tmp_path)
+    loaded = VisionLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert loaded.config.feature_blocks == 11 and torch.equal(loaded.image_features(pixels), tokens)
+        folded = loaded.fold_for_inference().image_features(pixels)
+    assert (folded - tokens).abs().max() <= 1e-5 * tokens.abs().max()
+    for bad in (0, len(vision._blocks) + 1):
+        with pytest.raises(ValueError, match="feature_blocks"):
+            VisionLM(type(model.config)(**{**vars(model.config), "feature_blocks": bad}))
+
+
 def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens(tiny):
     model, tokenizer = tiny
     loaded = LoadedModel(model, tokenizer)

