@@ -8,8 +8,8 @@ Architecture (LLaVA, Liu et al. 2023; the two-layer projector of LLaVA-1.5):
   average-pooled to ``feature_grid`` x ``feature_grid`` cells first. With ``feature_blocks = n`` the
   tokens are instead the output of the first n MBConv blocks (the later blocks and the head are
   dropped), as LLaVA reads an inner layer of its vision tower: on EfficientNet-lite0, n = 11 gives the
-  stride-16 map of 112 channels, so 224 px make 14 x 14 = 196 tokens for a quarter of the tower's
-  cost at 448 px.
+  stride-16 map of 112 channels, so 224 px make 14 x 14 = 196 tokens for about a fifth of the
+  tower's time at 448 px (17 against 86 ms, folded, 1 thread: benchmarks/results/many_tokens.md).
 - ``projector``: Linear(c, d) -> GELU -> Linear(d, hidden), as LLaVA-1.5's ``mlp2x_gelu``
   (c = 1280, or the last kept block's channels; d = the language model's hidden size unless
   ``projector_hidden`` is set).
