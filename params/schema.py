@@ -74,6 +74,20 @@ class VisionLMPrepareParams(Section):
     lr: float = Field(2e-3, gt=0, le=1)
     train_examples: int | None = Field(2000, ge=1, description="seeded subset of the training split whose "
                                                                 "visual tokens are cached (null: all)")
+    token_drop: float = Field(0.0, ge=0, le=1, description="fraction of the training steps taken on the "
+                              "token-dropped model (random visual tokens dropped after layer token_drop_k, keep "
+                              "ratio drawn from token_drop_ratios): trains the projector for PAR; 0: never")
+    token_drop_ratios: list[float] = Field([0.5, 0.25], min_length=1, description="keep ratios of the dropped steps, "
+                                           "each in (0, 1)")
+    token_drop_k: int = Field(2, ge=1, description="the layer after which tokens are dropped (PAR's par.k)")
+
+    @field_validator("token_drop_ratios")
+    @classmethod
+    def _ratios_in_unit_interval(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0 < r < 1]
+        if bad:
+            raise ValueError(f"keep ratios must lie strictly between 0 and 1; got {bad}")
+        return value
 
 
 class PrepareParams(Section):
@@ -429,6 +443,11 @@ class RunParams(Section):
             if self.pruning.method == "mope" and st.n_samples > self.calibration.n_samples:
                 raise ValueError(f"structured.n_samples ({st.n_samples}) exceeds calibration.n_samples "
                                  f"({self.calibration.n_samples}): MoPE scores on the calibration pairs")
+        drop = self.prepare.vision_lm
+        if self.par.enabled and drop.token_drop > 0 and drop.token_drop_k != self.par.k:
+            raise ValueError(f"prepare.vision_lm.token_drop_k ({drop.token_drop_k}) differs from par.k ({self.par.k}): "
+                             "the projector would be trained to drop tokens after another layer than PAR drops them; "
+                             "set both to the same layer")
         s_max = self.allocation.s_max
         if s_max is not None and s_max < self.pruning.sparsity:
             raise ValueError(

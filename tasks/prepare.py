@@ -69,7 +69,8 @@ def prepare_vision_lm(params: RunParams, out: Path) -> str:
                                               feature_blocks=p.feature_blocks, seed=params.prepare.seed)
     with measure() as training:
         result = train_projector(model, tokenizer, data.subset(train), steps=p.steps, batch_size=p.batch_size,
-                                 lr=p.lr, seed=params.prepare.seed)
+                                 lr=p.lr, seed=params.prepare.seed, token_drop=p.token_drop,
+                                 drop_ratios=tuple(p.token_drop_ratios), drop_k=p.token_drop_k)
     loaded = LoadedModel(model, tokenizer)
     with measure() as evaluation:
         metrics, _ = VisionLMAdapter().evaluate(loaded, spec, batch_size=64, max_samples=None, device="cpu")

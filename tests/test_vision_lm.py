@@ -22,7 +22,8 @@ from vlmprune.adapters import ADAPTERS, detect_family
 from vlmprune.adapters.base import LoadedModel
 from vlmprune.adapters.vision_lm import VisionLMAdapter
 from vlmprune.data.images import load_image_dataset, to_pixel_values
-from vlmprune.models.train_projector import answer_loss, train_projector
+from vlmprune.models import train_projector as projector_training
+from vlmprune.models.train_projector import answer_loss, dropped_answer_loss, train_projector
 from vlmprune.models.vision_lm import VisionLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,68 @@ def test_projector_training_lowers_the_loss_and_touches_nothing_else():
     assert again[0] == again[1]
 
 
+def test_dropped_answer_loss_is_the_loss_of_the_model_that_drops_tokens(tiny):
+    """Keep ratio 1: the dense loss (rows right-padded to different lengths). Keep ratio 1/2 after layer
+    k = 1 of 2: recomputed with the transformers layer on the kept tokens at their original positions."""
+    model, tokenizer = tiny
+    rows = VisionLMAdapter().qa_sequences(LoadedModel(model, tokenizer), "digits", ["seven", "one two", "zero"])
+    ids, labels = rows["input_ids"], rows["labels"]
+    assert rows["attention_mask"].sum(1).tolist() == [15, 16, 15]  # two rows right-padded
+    lm = model.language_model.model
+    with torch.no_grad():
+        features = model.image_features(torch.randn(3, 3, 64, 64))
+        dense = answer_loss(model, ids, rows["attention_mask"], labels, features)
+        kept_all = dropped_answer_loss(model, ids, labels, features, 1.0, 1, torch.Generator().manual_seed(0))
+        dropped = dropped_answer_loss(model, ids, labels, features, 0.5, 1, torch.Generator().manual_seed(4))
+        # the reference: the same random scores, top 2 of the 4 visual tokens kept per row
+        top = torch.rand(3, 4, generator=torch.Generator().manual_seed(4)).topk(2, dim=1).indices
+        visual = (ids == model.config.image_token_id).nonzero()[:, 1].view(3, 4)
+        h1 = lm(inputs_embeds=model.merge_image_embeds(ids, model.projector(features)),
+                output_hidden_states=True).hidden_states[1]  # after layer 0, every token
+        terms = []
+        for i in range(3):
+            drop = set(visual[i].tolist()) - set(visual[i, top[i]].tolist())
+            keep = torch.tensor([t for t in range(ids.shape[1]) if t not in drop])
+            x = h1[i:i + 1, keep]
+            position = keep.unsqueeze(0)
+            out = lm.layers[1](x, position_ids=position, position_embeddings=lm.rotary_emb(x, position))
+            out = out[0] if isinstance(out, tuple) else out
+            logp = torch.log_softmax(model.language_model.lm_head(lm.norm(out))[0], dim=-1)
+            y = labels[i, keep]
+            terms += [-logp[t - 1, y[t]] for t in range(1, len(keep)) if y[t] != -100]
+    assert len(visual[0]) == 4 and len(terms) == 7
+    assert kept_all.item() == pytest.approx(dense.item(), rel=1e-5)
+    assert dropped.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert abs(dropped.item() - dense.item()) > 1e-4
+
+
+def test_projector_training_for_token_pruning_lowers_the_dropped_loss():
+    data = load_image_dataset("digits", max_samples=96)
+    model, tokenizer = build_tiny_vision_lm(seed=1)
+    rows = VisionLMAdapter().qa_sequences(LoadedModel(model, tokenizer), "digits", data.class_names)
+    y = torch.from_numpy(data.labels)
+
+    def dropped_loss():
+        with torch.no_grad():
+            features = model.image_features(to_pixel_values(data.images, 64))
+            return dropped_answer_loss(model, rows["input_ids"][y], rows["labels"][y], features, 0.5, 1,
+                                       torch.Generator().manual_seed(0)).item()
+
+    start = dropped_loss()
+    result = train_projector(model, tokenizer, data, steps=60, batch_size=16, lr=0.1, seed=3, token_drop=1.0,
+                             drop_ratios=(0.5,), drop_k=1, progress=False)
+    assert dropped_loss() < start - 1.0
+    # seeded, and the dropped steps are not the dense ones
+    runs = {drop: [train_projector(build_tiny_vision_lm(seed=1)[0], tokenizer, data, steps=3, batch_size=4, seed=5,
+                                   token_drop=drop, drop_k=1, progress=False).losses for _ in range(2)]
+            for drop in (0.0, 1.0)}
+    assert runs[0.0][0] == runs[0.0][1] and runs[1.0][0] == runs[1.0][1]
+    assert runs[0.0][0][0] != runs[1.0][0][0]
+    with pytest.raises(ValueError, match="token_drop"):
+        train_projector(model, tokenizer, data, steps=1, token_drop=1.5, progress=False)
+    assert len(result.losses) == 60
+
+
 def test_save_load_and_greedy_generation(tiny, tiny_dir):
     model, tokenizer = tiny
     assert detect_family(str(tiny_dir)) == "vision_lm"
@@ -215,7 +278,16 @@ def test_prepare_builds_trains_and_saves_a_vision_lm(monkeypatch, tmp_path):
     artifacts = tmp_path / "artifacts"
     params = _params(artifacts / "prepare" / "model", artifacts, data={"test_fraction": 0.05}, prepare={
         "model": "vision_lm", "vision_lm": {"steps": 3, "batch_size": 4, "train_examples": 32}})
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    real = projector_training.train_projector
+    monkeypatch.setattr(projector_training, "train_projector", recording)
     TASKS["prepare"].fn(params)
+    assert (calls[0]["token_drop"], calls[0]["drop_ratios"], calls[0]["drop_k"]) == (0.0, (0.5, 0.25), 2)
     metrics = json.loads((artifacts / "prepare" / "metrics.json").read_text())
     assert {"train_loss", "vqa_accuracy", "answer_loss", "chance_accuracy", "train_seconds"} <= set(metrics)
     assert metrics["chance_accuracy"] == 0.1 and metrics["train_seconds"] > 0
@@ -227,6 +299,13 @@ def test_prepare_model_is_validated():
     with pytest.raises(ParamsError) as error:
         validate({"prepare": {"model": "llava"}})
     assert "prepare.model" in str(error.value) and "vision_lm" in str(error.value)
+    with pytest.raises(ParamsError) as error:
+        validate({"prepare": {"vision_lm": {"token_drop_ratios": [0.5, 1.0]}}})
+    assert "prepare.vision_lm.token_drop_ratios" in str(error.value) and "[1.0]" in str(error.value)
+    with pytest.raises(ParamsError) as error:
+        validate({"prepare": {"vision_lm": {"token_drop": 0.5, "token_drop_k": 3}}, "par": {"enabled": True, "k": 2}})
+    assert "token_drop_k (3)" in str(error.value) and "par.k (2)" in str(error.value)
+    validate({"prepare": {"vision_lm": {"token_drop": 0.5, "token_drop_k": 3}}})  # no PAR: no constraint
     preset = load_params(ROOT / "params" / "presets" / "vision_lm.yaml")
     assert preset.prepare.model == "vision_lm" and preset.model.id == "artifacts/prepare/model"
 

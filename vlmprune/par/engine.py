@@ -188,6 +188,22 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def dropped_forward(dec: Decoder, embeds: torch.Tensor, visual_mask: torch.Tensor, k: int, scores: torch.Tensor,
+                    n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-dropped prompt pass with every layer run, differentiable (:func:`prefill` without the
+    cache, the layer skipping and ``no_grad``): layers ``0 .. k-1`` on every token, then the ``n_keep``
+    visual tokens with the highest ``scores`` (B, n) and every text token, at their original positions.
+    Returns the last layer's output (B, T', H), before the final norm, and the kept positions (B, T')."""
+    B, T, _ = embeds.shape
+    index = kept_positions(visual_mask, scores, n_keep)
+    h = _gather(run_prefix(dec, embeds, visual_mask, k).hidden, index)
+    positions = torch.arange(T, device=embeds.device).unsqueeze(0).expand(B, -1).gather(1, index)
+    cos, sin = rotary(dec, h, positions)
+    for layer in dec.layers[k:]:
+        h = run_layer(dec, layer, h, cos, sin)[0]
+    return h, index
+
+
 def _apply(dec, layer_index, h, cos, sin, cache: Cache, past=None):
     """Run layer ``layer_index`` honouring ``cache.layer_keep``; returns the new ``h``."""
     keep = cache.layer_keep[:, layer_index]
