@@ -132,16 +132,22 @@ def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens(tiny):
     assert cached.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_projector_training_lowers_the_loss_and_touches_nothing_else():
+def _digits_training():
+    """96 digits, a tiny model (seed 1), each image's training sequence (question + its class name)."""
     data = load_image_dataset("digits", max_samples=96)
     model, tokenizer = build_tiny_vision_lm(seed=1)
     rows = VisionLMAdapter().qa_sequences(LoadedModel(model, tokenizer), "digits", data.class_names)
     y = torch.from_numpy(data.labels)
+    return data, model, tokenizer, {name: value[y] for name, value in rows.items()}
+
+
+def test_projector_training_lowers_the_loss_and_touches_nothing_else():
+    data, model, tokenizer, rows = _digits_training()
 
     def loss_on_all():
         with torch.no_grad():
             features = model.image_features(to_pixel_values(data.images, 64))
-            return answer_loss(model, rows["input_ids"][y], rows["attention_mask"][y], rows["labels"][y], features).item()
+            return answer_loss(model, rows["input_ids"], rows["attention_mask"], rows["labels"], features).item()
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start = loss_on_all()
@@ -194,15 +200,12 @@ def test_dropped_answer_loss_is_the_loss_of_the_model_that_drops_tokens(tiny):
 
 
 def test_projector_training_for_token_pruning_lowers_the_dropped_loss():
-    data = load_image_dataset("digits", max_samples=96)
-    model, tokenizer = build_tiny_vision_lm(seed=1)
-    rows = VisionLMAdapter().qa_sequences(LoadedModel(model, tokenizer), "digits", data.class_names)
-    y = torch.from_numpy(data.labels)
+    data, model, tokenizer, rows = _digits_training()
 
     def dropped_loss():
         with torch.no_grad():
             features = model.image_features(to_pixel_values(data.images, 64))
-            return dropped_answer_loss(model, rows["input_ids"][y], rows["labels"][y], features, 0.5, 1,
+            return dropped_answer_loss(model, rows["input_ids"], rows["labels"], features, 0.5, 1,
                                        torch.Generator().manual_seed(0)).item()
 
     start = dropped_loss()
