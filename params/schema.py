@@ -25,6 +25,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _keep_ratios(values: list[float], keep_all: bool) -> list[float]:
+    """``values`` if every keep ratio is in (0, 1] (``keep_all``: 1, keeping everything, allowed) or (0, 1)."""
+    bad = [r for r in values if not (0 < r <= 1 if keep_all else 0 < r < 1)]
+    if bad:
+        raise ValueError(f"keep ratios must be in (0, {'1]' if keep_all else '1)'}; got {bad}")
+    return values
+
+
 def _check_name(value: str | None, registry, field: str) -> str | None:
     if value is not None and value not in registry:
         raise ValueError(f"{field} {value!r} is not one of: {', '.join(registry.names())}")
@@ -84,10 +92,7 @@ class VisionLMPrepareParams(Section):
     @field_validator("token_drop_ratios")
     @classmethod
     def _ratios_in_unit_interval(cls, value: list[float]) -> list[float]:
-        bad = [r for r in value if not 0 < r < 1]
-        if bad:
-            raise ValueError(f"keep ratios must lie strictly between 0 and 1; got {bad}")
-        return value
+        return _keep_ratios(value, keep_all=False)
 
 
 class PrepareParams(Section):
@@ -357,9 +362,7 @@ class ParParams(Section):
     @field_validator("token_ratios", "layer_ratios")
     @classmethod
     def _ratios(cls, v: list[float]) -> list[float]:
-        bad = [r for r in v if not 0 < r <= 1]
-        if bad:
-            raise ValueError(f"keep ratios must be in (0, 1]; got {bad}")
+        _keep_ratios(v, keep_all=True)
         if len(set(v)) != len(v):
             raise ValueError(f"keep ratios must be distinct; got {v}")
         return v

@@ -188,20 +188,25 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def drop_tokens(h: torch.Tensor, visual_mask: torch.Tensor, scores: torch.Tensor, n_keep: int):
+    """``h`` (B, T, H) cut to every text token and the ``n_keep`` visual tokens with the highest
+    ``scores`` (B, n). Returns ``(h', kept positions (B, T'))``; the positions are the tokens' original
+    ones, so their rotary phases do not change."""
+    index = kept_positions(visual_mask, scores, n_keep)
+    return _gather(h, index), index
+
+
 def dropped_forward(dec: Decoder, embeds: torch.Tensor, visual_mask: torch.Tensor, k: int, scores: torch.Tensor,
                     n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The token-dropped prompt pass with every layer run, differentiable (:func:`prefill` without the
-    cache, the layer skipping and ``no_grad``): layers ``0 .. k-1`` on every token, then the ``n_keep``
-    visual tokens with the highest ``scores`` (B, n) and every text token, at their original positions.
-    Returns the last layer's output (B, T', H), before the final norm, and the kept positions (B, T')."""
-    B, T, _ = embeds.shape
-    index = kept_positions(visual_mask, scores, n_keep)
-    h = _gather(run_prefix(dec, embeds, visual_mask, k).hidden, index)
-    positions = torch.arange(T, device=embeds.device).unsqueeze(0).expand(B, -1).gather(1, index)
+    cache, the layer skipping and ``no_grad``): layers ``0 .. k-1`` on every token, then
+    :func:`drop_tokens`. Returns the last layer's output (B, T', H), before the final norm, and the
+    kept positions (B, T')."""
+    h, positions = drop_tokens(run_prefix(dec, embeds, visual_mask, k).hidden, visual_mask, scores, n_keep)
     cos, sin = rotary(dec, h, positions)
     for layer in dec.layers[k:]:
         h = run_layer(dec, layer, h, cos, sin)[0]
-    return h, index
+    return h, positions
 
 
 def _apply(dec, layer_index, h, cos, sin, cache: Cache, past=None):
@@ -247,8 +252,7 @@ def prefill(dec: Decoder, embeds: torch.Tensor, visual_mask: torch.Tensor, plan:
     h = prefix.hidden
     positions = torch.arange(T, device=embeds.device).unsqueeze(0).expand(B, -1)
     if n_tokens < n_visual:
-        index = kept_positions(visual_mask, policy.token_scores(prefix, n_tokens), n_tokens)
-        h, positions = _gather(h, index), positions.gather(1, index)
+        h, positions = drop_tokens(h, visual_mask, policy.token_scores(prefix, n_tokens), n_tokens)
     cos, sin = rotary(dec, h, positions)
     keep = torch.ones(B, L, dtype=torch.bool, device=embeds.device)
     if n_layers < L:
