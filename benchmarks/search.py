@@ -87,15 +87,17 @@ class Options:
     reuse: str | None = "artifacts"
     out: str = "benchmarks/results"
     trial: bool = False
+    penalties: list[float] = field(default_factory=lambda: [1.0, 0.0])
 
     def command(self, with_params: bool = True) -> str:
         """The stand-alone command; ``with_params=False`` leaves out ``--params`` and the ``-S`` overrides."""
         extra = "" if self.params == "params.yaml" or not with_params else f" --params {self.params}"
         extra += "".join(f" -S {o}" for o in self.overrides) if with_params else ""
+        penalties = "" if self.penalties == [1.0, 0.0] else " --penalties " + " ".join(f"{w:g}" for w in self.penalties)
         return (f"python -m benchmarks.search --sparsity {self.sparsity} --sizes {' '.join(map(str, self.sizes))} "
                 f"--rounds {self.rounds} --population {self.population} --granularity {self.granularity} "
-                f"--calibration-samples {self.calibration_samples} --objective {self.objective}{extra}"
-                f"{' --trial' if self.trial else ''}")
+                f"--calibration-samples {self.calibration_samples} --objective {self.objective}{penalties}"
+                f"{extra}{' --trial' if self.trial else ''}")
 
 
 def main() -> None:
@@ -115,6 +117,8 @@ def main() -> None:
                                                       "scores) from this artifacts directory, made with the same "
                                                       "params (default: artifacts, with --params params.yaml only)")
     parser.add_argument("--trial", action="store_true", help="uniform and ECoFLaP on the search samples only")
+    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.0],
+                        help="weights lambda of the SRM bound, one search each (1: the bound, 0: no penalty)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.reuse is None and args.params == "params.yaml":
@@ -125,17 +129,19 @@ def main() -> None:
 def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batch_size: int, device: str):
     """``values(model) -> {"objective": (n,), "accuracy": (n,)}`` on the search samples (see the module
     docstring): the objective per sample (higher is better) and the per-sample accuracy reported as
-    ``search acc``."""
+    ``search acc`` (with the ``probability`` objective, a second pass gives the 0/1 accuracy, so that
+    ``gap`` compares accuracy with accuracy)."""
     if objective in ("accuracy", "probability"):
         hook = ACCURACY_HOOKS.get(adapter.family)
         if hook is None:
             raise ValueError(f"objective {objective!r} is built for: {', '.join(ACCURACY_HOOKS)} (model family "
                              f"{adapter.family!r}); use --objective loss")
-        correct = hook(loaded, spec, samples, 64, device, probability=objective == "probability")
+        correct = hook(loaded, spec, samples, 64, device)
+        probability = hook(loaded, spec, samples, 64, device, probability=True) if objective == "probability" else None
 
         def values(model):
-            v = correct(model)
-            return {"objective": v, "accuracy": v}
+            accuracy = correct(model)
+            return {"objective": accuracy if probability is None else probability(model), "accuracy": accuracy}
 
         return values
     if "labels" not in samples or not hasattr(adapter, "run_full"):
@@ -242,6 +248,8 @@ def run(args: Options) -> list[dict]:
         """The row's search-set and held-out columns; ``values``: per-sample values of the allocation."""
         subset = subsets[n]
         out = {"search acc": float(values["accuracy"][subset].mean())}
+        if args.objective == "probability":
+            out["search prob"] = float(values["objective"][subset].mean())
         if held is not None:
             out.update({"held-out acc": held[held_metric], "gap": out["search acc"] - held[held_metric]})
         if loss_objective:
@@ -292,7 +300,7 @@ def run(args: Options) -> list[dict]:
     for n in args.sizes:
         # SRM value range R: 1 for accuracies/probabilities; the dense loss on the subset for the loss
         value_range = -float(dense_values["objective"][subsets[n]].mean()) if loss_objective else 1.0
-        for penalty in (True, False):
+        for weight in args.penalties:
             before, t = len(cache), time.perf_counter()
             cost = 0.0
 
@@ -306,10 +314,10 @@ def run(args: Options) -> list[dict]:
                 return out
 
             config = SearchConfig(rounds=args.rounds, population=args.population, max_evaluations=evaluations,
-                                  penalty=penalty, seed=args.seed)
+                                  penalty=weight, seed=args.seed)
             result = evolve(space, evaluate_many, n, config, max(value_range, 1e-6), progress=True)
             best = result.best
-            rows.append({"method": f"search ({'penalty' if penalty else 'no penalty'})", "n": n,
+            rows.append({"method": f"search ({penalty_label(weight)})", "n": n,
                          **towers_of(best.sparsity), **measures(per_sample(best.sparsity)[0], held_out(best.sparsity), n),
                          "penalty": best.penalty, "chosen": f"{best.policy.base} {list(best.policy.q)}",
                          "new": len(cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
@@ -324,8 +332,15 @@ def run(args: Options) -> list[dict]:
     return rows
 
 
+def penalty_label(weight: float) -> str:
+    """How a search row names its penalty weight lambda."""
+    return {1.0: "penalty", 0.0: "no penalty"}.get(weight, f"penalty x{weight:g}")
+
+
 def write(path: Path, args, label, tower_names, space, evaluations, started, rows) -> None:
     columns = ["method", "n", *tower_names, "overall", "search acc", "held-out acc", "gap"]
+    if args.objective == "probability":
+        columns.insert(columns.index("search acc") + 1, "search prob")
     if args.objective == "loss":
         columns += ["search loss", "held-out loss", "loss gap"]
     columns += ["penalty", "chosen", "new", "cost s", "wall s"]
@@ -347,15 +362,18 @@ def describe(args: Options, label: str, space, evaluations: int) -> str:
                   "stage's vqa_accuracy (greedy answers) / answer_loss on held-out images;\n`gap` = search acc - "
                   "held-out acc, `loss gap` = held-out loss - search loss.\n")
     else:
-        search = (f"`search acc`: the search objective ({args.objective}) on the search samples (training split, "
-                  f"training prompt templates);\n`held-out acc`: the evaluate stage's zero-shot accuracy (held-out "
-                  f"digits, evaluation-only templates);\n`gap` = search acc - held-out acc (the template change is "
-                  f"part of it, equally for every row).\n")
+        search = ("`search acc`: zero-shot accuracy on the search samples (training split, training prompt "
+                  "templates)" + (", `search prob`: the search objective there (mean probability of the correct "
+                                  "class)" if args.objective == "probability" else " (the search objective)")
+                  + ";\n`held-out acc`: the evaluate stage's zero-shot accuracy (held-out digits, evaluation-only "
+                  "templates);\n`gap` = search acc - held-out acc (the template change is part of it, equally for "
+                  "every row).\n")
     return (f"Policy search on {label} at {args.sparsity:.0%} overall sparsity, Wanda, every tower.\n{search}"
             f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
             f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
-            f"SRM penalty delta 0.05. Every model pruned with the first {args.calibration_samples} calibration "
-            "samples.")
+            f"SRM penalty delta 0.05, weights lambda {', '.join(f'{w:g}' for w in args.penalties)} "
+            f"(`penalty`: lambda x the bound). Every model pruned with the first {args.calibration_samples} "
+            "calibration samples.")
 
 
 COLUMNS = ["method", "n", "vision", "text", "overall", "search acc", "held-out acc", "gap", "penalty", "chosen", "new",
@@ -394,9 +412,10 @@ def suite(profile: str, out: str, model: str | None = None, params: str | None =
                       out=str(Path(out) / "search"))
     rows = run(options)
     dense, rows = rows[0], rows[1:]
-    notes = [(f"`search acc`: the search objective ({objective}) on the search samples (training split, training "
-             "prompt templates); `held-out acc`: the evaluate stage's zero-shot accuracy (held-out digits, "
-             "evaluation-only templates); `gap` = search acc - held-out acc; `penalty`: the SRM penalty; `new`: "
+    notes = [(f"`search acc`: zero-shot accuracy on the search samples (training split, training prompt templates; "
+             f"the search maximises {objective} there); `held-out acc`: the evaluate stage's zero-shot accuracy "
+             "(held-out digits, evaluation-only templates); `gap` = search acc - held-out acc; `penalty`: the SRM "
+             "penalty; `new`: "
              "candidates a search pruned itself (the others were cached from an earlier search); `cost s`: what the "
              f"search would have taken alone. {rounds} rounds x {population} candidates, components of "
              f"{granularity} blocks, every model pruned with {calibration_samples} calibration samples. "

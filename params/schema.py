@@ -243,7 +243,10 @@ class SearchParams(Section):
     population: int = Field(8, ge=1, description="candidates per round")
     max_evaluations: int = Field(40, ge=1, description="evaluation budget (candidates pruned and scored)")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget, checked between rounds")
-    penalty: bool = Field(True, description="subtract the SRM generalization-gap bound from the objective")
+    penalty: float = Field(1.0, ge=0, description="weight lambda of the SRM generalization-gap bound subtracted from "
+                                                  "the objective: 1 = the bound (a guarantee), 0 = off, between = a "
+                                                  "regulariser of the bound's shape, no longer a bound "
+                                                  "(true/false read as 1/0)")
     delta: float = Field(0.05, gt=0, lt=1, description="confidence of the SRM bound (holds with prob. 1 - delta)")
     seed: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1, description="search samples per forward")

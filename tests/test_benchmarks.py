@@ -567,3 +567,25 @@ def test_spread_weight_sweep_rows(tmp_path, capsys, small_threads):
         accuracy, count = r[3].split()
         right, n = map(int, count.strip("()").split("/"))
         assert n == 4 and float(accuracy) == pytest.approx(right / n, abs=5e-4) and 0 <= float(r[4]) <= 1
+
+
+def test_s_max_sweep_on_a_tiny_lm(tmp_path, small_threads):
+    from benchmarks.s_max import parse_run, sweep
+    from tests.tiny import build_tiny_causal_lm, save_tiny
+
+    model = save_tiny(*build_tiny_causal_lm("llama"), tmp_path / "lm")
+    params = tiny_params(model, tmp_path / "unused", model={"family": "causal_lm"},
+                         data={"name": "wikipedia", "seq_len": 32, "eval_windows": 2}, tracking={"enabled": False})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    assert parse_run("0.7:d") == (0.7, None) and parse_run("0.6:0.85") == (0.6, 0.85)
+    result = sweep(str(tmp_path / "params.yaml"), [(0.5, None), (0.5, 0.9)], "zeroth_order",
+                   ["calibration.n_samples=4", "calibration.batch_size=2", "scoring.n_samples=2",
+                    "scoring.batch_size=1"])
+    rows = result["rows"]
+    assert [(r["allocation"], r["s_max"]) for r in rows] == [("uniform", ""), ("ecoflap (zeroth)", "0.60 (default)"),
+                                                             ("ecoflap (zeroth)", "0.90")]
+    # every cap keeps the target, up to per-row rounding in the tiny model's 32- and 64-wide rows (1/32 a layer)
+    assert all(r["overall"] == pytest.approx(0.5, abs=0.02) for r in rows)
+    assert rows[0]["x uniform"] == 1.0
+    assert all(r["x uniform"] == pytest.approx(r["perplexity"] / rows[0]["perplexity"]) for r in rows)
+    assert result["score s"] > 0 and result["dense"] > 0

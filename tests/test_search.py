@@ -133,6 +133,26 @@ def test_penalty_changes_the_choice_when_samples_are_few():
     assert many.sparsity == off.sparsity
 
 
+def test_penalty_weight_scales_the_bound_and_trades_it_against_the_objective():
+    space = two_tower_space()
+    config = SearchConfig(rounds=4, population=6, max_evaluations=24, seed=0)
+    runs = {w: evolve(space, far_better_objective(space), 16, SearchConfig(**{**config.__dict__, "penalty": w}),
+                      progress=False) for w in (1.0, 0.01, 0.0)}
+    for w, run in runs.items():
+        for c in run.candidates:  # lambda x the bound, for every candidate
+            assert c.penalty == pytest.approx(w * srm_penalty(16, 2, c.policy.complexity, 1, 0.05))
+            assert c.score == pytest.approx(c.objective - c.penalty)
+        assert run.best.score == max(c.score for c in run.candidates)
+    # 4 steps gain 0.1 * 0.2 = 0.02 of objective; the bound grows by 0.185 from k = 0 to k = 4 at n = 16
+    # (0.370 -> 0.555): lambda = 1 keeps the base, lambda = 0.01 (0.002 of penalty) moves away from it
+    assert runs[1.0].best.policy.complexity == 0
+    assert runs[0.01].best.policy.complexity > 0 and runs[0.01].best.objective > runs[1.0].best.objective
+    assert runs[0.0].best.penalty == 0.0
+    assert srm_penalty(16, 2, 4, 1, 0.05) - srm_penalty(16, 2, 0, 1, 0.05) == pytest.approx(0.185, abs=1e-3)
+    with pytest.raises(ValueError, match="penalty"):
+        evolve(space, far_better_objective(space), 16, SearchConfig(penalty=-0.5), progress=False)
+
+
 def test_every_candidate_meets_the_budget_and_same_seed_same_search():
     groups = groups_of([1200, 800, 400, 2000, 1600], ["vision"] * 3 + ["text"] * 2, [0.3, 1.0, 2.0, 0.1, 0.5])
     space = PolicySpace(groups, 0.6, "group", ("uniform", "ecoflap"), s_max=0.8)
@@ -267,6 +287,12 @@ def test_search_params_say_what_is_missing(tiny_dual_encoder_dir, tmp_path):
     with pytest.raises(ParamsError, match="sample_seed"):
         tiny_params(tiny_dual_encoder_dir, tmp_path,
                     allocation={"method": "search", "search": {"bases": ["uniform"], "sample_seed": 0}})
+    with pytest.raises(ParamsError, match="allocation.search.penalty"):
+        tiny_params(tiny_dual_encoder_dir, tmp_path,
+                    allocation={"method": "search", "search": {"bases": ["uniform"], "penalty": -1}})
+    on = tiny_params(tiny_dual_encoder_dir, tmp_path, allocation={"method": "search", "search": {"bases": ["uniform"],
+                                                                                                "penalty": True}})
+    assert on.allocation.search.penalty == 1.0  # the old boolean form still reads
     with pytest.raises(ParamsError, match="unstructured"):
         tiny_params(tiny_dual_encoder_dir, tmp_path, pruning={"pattern": "2:4"},
                     allocation={"method": "search", "search": {"bases": ["uniform"]}})

@@ -8,7 +8,15 @@ whose standard deviation shrinks by ``shrink`` each round, so the search space n
 around the best policies found so far. A policy is never evaluated twice (nor two policies giving
 the same group budgets).
 
-    score(h) = objective(h) - penalty(h)     penalty: the SRM bound of vlmprune.search.srm (or 0)
+    score(h) = objective(h) - lambda * bound(h)     bound: the SRM bound of vlmprune.search.srm
+
+``lambda`` is ``SearchConfig.penalty``: 1 subtracts the bound itself, so the search maximises a lower
+bound on the true objective that holds with probability 1 - delta (a guarantee); 0 turns the penalty
+off. A value in between keeps the bound's shape (it grows with the policy's complexity and shrinks
+as 1 / sqrt(n)) but is no longer a bound: it is the usual regularised form of structural risk
+minimization, a trade-off weight the guarantee does not choose. At the sample counts the search is
+meant for (tens) the bound itself is wider than the accuracy differences between nearby policies,
+so with lambda = 1 the search keeps its base (``benchmarks/results/search_penalty_weight.md``).
 
 Candidates are evaluated batch by batch through ``evaluate_many(list of {group: sparsity}) ->
 list of objectives`` (higher is better), so the caller decides how to fan them out. The search
@@ -41,7 +49,7 @@ class SearchConfig:
     mutation: float = 2.0
     shrink: float = 0.7
     crossover: float = 0.5
-    penalty: bool = True
+    penalty: float = 1.0  # lambda: the weight of the SRM bound (1: the bound itself, 0: off)
     delta: float = 0.05
     seed: int = 0
 
@@ -82,13 +90,15 @@ def _key(space: PolicySpace, sparsity: dict[str, float]) -> tuple:
 def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]], list[float]], n_samples: int,
            config: SearchConfig = SearchConfig(), value_range: float = 1.0, progress: bool = True,
            on_candidate: Callable[[Candidate], None] | None = None) -> SearchResult:
-    """Search policies of ``space`` maximising objective - SRM penalty; returns every candidate and the best.
+    """Search policies of ``space`` maximising objective - lambda * SRM bound; returns every candidate and the best.
 
     ``n_samples``: how many samples ``evaluate_many`` averages its objective over (the penalty's n);
     ``value_range``: the width R of the interval the per-sample objective lies in (1 for accuracy).
     """
     if config.population < 1 or config.rounds < 1 or config.max_evaluations < 1 or config.elite < 1:
         raise ValueError(f"population, rounds, max_evaluations and elite must be >= 1, got {config}")
+    if config.penalty < 0:
+        raise ValueError(f"penalty (the weight of the SRM bound) must be >= 0, got {config.penalty}")
     rng = np.random.default_rng(config.seed)
     start = time.perf_counter()
     bases = list(space.bases)
@@ -97,9 +107,10 @@ def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]],
     stopped = "rounds"
 
     def penalty(policy: Policy) -> float:
-        if not config.penalty:
+        if config.penalty == 0:
             return 0.0
-        return srm_penalty(n_samples, space.dim, policy.complexity, len(bases), config.delta, value_range)
+        return config.penalty * srm_penalty(n_samples, space.dim, policy.complexity, len(bases), config.delta,
+                                            value_range)
 
     def admit(policy: Policy, batch: list) -> bool:
         policy = _canonical(space, policy)

@@ -1,0 +1,89 @@
+"""ECoFLaP's cap s_max on SmolLM2-135M: one score stage, then ECoFLaP + Wanda at several caps.
+
+The allocation (METHODS.md section 2) starts every group at k_g = ceil(N_g (1 - s_max)) kept weights
+and shares the rest of the budget by score, so s_max bounds how far the scores may push a group: the
+reference sets s_max = p + 0.1, and with it a group can never be pruned more than 10 points above the
+target. This script scores once (``scoring.method=zeroth_order`` or ``first_order`` with the
+``-S`` overrides given), prunes with Wanda at each ``SPARSITY:S_MAX`` pair (``d`` = the default
+p + 0.1), and divides each perplexity by uniform Wanda's at the same sparsity, measured in the same
+run. Sizes: ``benchmarks.llm``'s profiles (default ``quick``).
+
+    python -m benchmarks.s_max --runs 0.6:d 0.6:0.8 0.7:d 0.7:0.9 [-S scoring.n_directions=7] \
+        [--scoring zeroth_order] [--profile quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import machine, markdown_table
+from benchmarks.grid import Config, run_config, run_score, run_shared
+from benchmarks.llm import PROFILES
+
+
+def parse_run(text: str) -> tuple[float, float | None]:
+    """``"0.7:0.9"`` -> (0.7, 0.9); ``"0.7:d"`` -> (0.7, None), the default cap."""
+    sparsity, _, cap = text.partition(":")
+    return float(sparsity), None if cap in ("", "d") else float(cap)
+
+
+def sweep(params_path: str, runs: list[tuple[float, float | None]], scoring: str, overrides: list[str]) -> dict:
+    """Dense, one score stage, uniform Wanda at each sparsity of ``runs`` and ECoFLaP + Wanda at each
+    (sparsity, s_max) pair (None: the default cap); every stage gets ``overrides``."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        first = Config("ecoflap", scoring, "wanda", runs[0][0])
+        dense = run_shared(params_path, [*overrides, *first.overrides()], str(tmp / "shared"))
+        score = run_score(params_path, overrides, first, str(tmp / "shared"), str(tmp / "score"))
+        run_score(params_path, overrides, Config(), str(tmp / "shared"), str(tmp / "none"))
+        uniform = {}
+        for s in sorted({s for s, _ in runs}):
+            r = run_config(params_path, overrides, Config("uniform", "none", "wanda", s), str(tmp / "none"),
+                           str(tmp / f"uniform-{s}"))
+            uniform[s] = r["pruned"]["perplexity"]
+            rows.append({"allocation": "uniform", "sparsity": s, "overall": r["sparsity"]["overall"], "s_max": "",
+                         "perplexity": uniform[s], "x uniform": 1.0, "prune s": r["prune"]["wall_s"]})
+            print(rows[-1], flush=True)
+        for i, (s, cap) in enumerate(runs):
+            config = Config("ecoflap", scoring, "wanda", s)
+            r = run_config(params_path, [*overrides, *([f"allocation.s_max={cap}"] if cap is not None else [])],
+                           config, str(tmp / "score"), str(tmp / f"ecoflap-{i}"))
+            rows.append({"allocation": f"ecoflap ({scoring.split('_')[0]})", "sparsity": s,
+                         "overall": r["sparsity"]["overall"],
+                         "s_max": f"{s + 0.1:.2f} (default)" if cap is None else f"{cap:.2f}",
+                         "perplexity": r["pruned"]["perplexity"], "x uniform": r["pruned"]["perplexity"] / uniform[s],
+                         "prune s": r["prune"]["wall_s"]})
+            print(rows[-1], flush=True)
+    return {"dense": dense["metrics"]["perplexity"], "score s": score["wall_s"], "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=["0.6:d", "0.6:0.8", "0.7:d", "0.7:0.9"],
+                        help="SPARSITY:S_MAX pairs (d: the default s_max = sparsity + 0.1)")
+    parser.add_argument("--scoring", choices=["zeroth_order", "first_order"], default="zeroth_order")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--params", default="params/presets/smollm2.yaml")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override for every stage, e.g. scoring.n_directions=7 (repeatable)")
+    parser.add_argument("--out", default="benchmarks/results/s_max.md")
+    args = parser.parse_args()
+    result = sweep(args.params, [parse_run(r) for r in args.runs], args.scoring,
+                   [*PROFILES[args.profile], "model.device=cpu", *args.overrides])
+    columns = ["allocation", "sparsity", "overall", "s_max", "perplexity", "x uniform", "prune s"]
+    text = (f"SmolLM2-135M-Instruct, Wikipedia summaries, profile {args.profile}: {' '.join(PROFILES[args.profile])}; "
+            f"overrides: {' '.join(args.overrides) or 'none'}.\nDense perplexity {result['dense']:.3f}; score stage "
+            f"({args.scoring}) {result['score s']:.0f} s, shared by every ECoFLaP row.\n"
+            f"Machine: {machine()}.\nCommand: python -m benchmarks.s_max --runs {' '.join(args.runs)} --scoring "
+            f"{args.scoring} --profile {args.profile}{''.join(' -S ' + o for o in args.overrides)}\n\n"
+            f"{markdown_table(result['rows'], columns)}\n")
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
