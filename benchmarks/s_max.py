@@ -15,6 +15,7 @@ run. Sizes: ``benchmarks.llm``'s profiles (default ``quick``).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def main() -> None:
     text = (f"SmolLM2-135M-Instruct, Wikipedia summaries, profile {args.profile}: {' '.join(PROFILES[args.profile])}; "
             f"overrides: {' '.join(args.overrides) or 'none'}.\nDense perplexity {result['dense']:.3f}; score stage "
             f"({args.scoring}) {result['score s']:.0f} s, shared by every ECoFLaP row.\n"
-            f"Machine: {machine()}.\nCommand: python -m benchmarks.s_max --runs {' '.join(args.runs)} --scoring "
+            f"Machine: {machine()}; 1-minute load average when written: {os.getloadavg()[0]:.1f} (other jobs on "
+            f"the machine inflate the stage times).\nCommand: python -m benchmarks.s_max --runs {' '.join(args.runs)} --scoring "
             f"{args.scoring} --profile {args.profile}{''.join(' -S ' + o for o in args.overrides)}\n\n"
             f"{markdown_table(result['rows'], columns)}\n")
     print(text)
