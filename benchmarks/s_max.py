@@ -79,8 +79,8 @@ def main() -> None:
             f"overrides: {' '.join(args.overrides) or 'none'}.\nDense perplexity {result['dense']:.3f}; score stage "
             f"({args.scoring}) {result['score s']:.0f} s, shared by every ECoFLaP row.\n"
             f"Machine: {machine()}; 1-minute load average when written: {os.getloadavg()[0]:.1f} (other jobs on "
-            f"the machine inflate the stage times).\nCommand: python -m benchmarks.s_max --runs {' '.join(args.runs)} --scoring "
-            f"{args.scoring} --profile {args.profile}{''.join(' -S ' + o for o in args.overrides)}\n\n"
+            f"the machine inflate the stage times).\nCommand: python -m benchmarks.s_max --runs {' '.join(args.runs)} "
+            f"--scoring {args.scoring} --profile {args.profile}{''.join(' -S ' + o for o in args.overrides)}\n\n"
             f"{markdown_table(result['rows'], columns)}\n")
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

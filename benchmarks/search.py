@@ -129,19 +129,18 @@ def main() -> None:
 def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batch_size: int, device: str):
     """``values(model) -> {"objective": (n,), "accuracy": (n,)}`` on the search samples (see the module
     docstring): the objective per sample (higher is better) and the per-sample accuracy reported as
-    ``search acc`` (with the ``probability`` objective, a second pass gives the 0/1 accuracy, so that
-    ``gap`` compares accuracy with accuracy)."""
+    ``search acc`` (the 0/1 accuracy also with the ``probability`` objective, so that ``gap`` compares
+    accuracy with accuracy)."""
     if objective in ("accuracy", "probability"):
         hook = ACCURACY_HOOKS.get(adapter.family)
         if hook is None:
             raise ValueError(f"objective {objective!r} is built for: {', '.join(ACCURACY_HOOKS)} (model family "
                              f"{adapter.family!r}); use --objective loss")
-        correct = hook(loaded, spec, samples, 64, device)
-        probability = hook(loaded, spec, samples, 64, device, probability=True) if objective == "probability" else None
+        per_sample = hook(loaded, spec, samples, 64, device)
 
         def values(model):
-            accuracy = correct(model)
-            return {"objective": accuracy if probability is None else probability(model), "accuracy": accuracy}
+            v = per_sample(model)
+            return {"objective": v[objective], "accuracy": v["accuracy"]}
 
         return values
     if "labels" not in samples or not hasattr(adapter, "run_full"):

@@ -336,7 +336,8 @@ def test_accuracy_hook_agrees_with_the_zero_shot_evaluator(search_run):
     adapter, loaded = load_model(params)
     spec = data_spec(params)
     samples = adapter.make_calibration(loaded, spec, 24, seed=5)
-    correct = ACCURACY_HOOKS["dual_encoder"](loaded, spec, samples, 8, "cpu")(loaded.model)
+    values = ACCURACY_HOOKS["dual_encoder"](loaded, spec, samples, 8, "cpu")(loaded.model)
+    correct, probability = values["accuracy"], values["probability"]
     data, _, _ = image_split(spec)
     model = loaded.model
     classes = class_embeddings(model.encode_text, loaded.processor, data.class_names, data.train_templates)
@@ -344,7 +345,6 @@ def test_accuracy_hook_agrees_with_the_zero_shot_evaluator(search_run):
         images = F.normalize(model.encode_image(samples["pixel_values"]), dim=-1)
     assert correct.shape == (24,) and set(correct.tolist()) <= {0.0, 1.0}
     assert float(correct.mean()) == pytest.approx(zero_shot_accuracy(images, classes, samples["labels"].numpy()))
-    probability = ACCURACY_HOOKS["dual_encoder"](loaded, spec, samples, 8, "cpu", probability=True)(loaded.model)
     assert torch.all((probability > 0) & (probability < 1))
     assert torch.all(correct[probability > 0.5] == 1)  # a class with more than half the mass is the argmax
     assert torch.all(probability[correct == 0] < 0.5 + 1e-6)

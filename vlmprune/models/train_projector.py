@@ -22,8 +22,9 @@ visual tokens whose content survives the dropping of others, while the other ste
 loss. Measured on the 196-token model (``benchmarks/results/many_tokens.md``): with half the steps
 dropped and twice the steps, dense accuracy rose (0.944 to 0.972) and 50% of the tokens lost 0.7
 points instead of 3.9; with the same number of steps the dense model fell to 0.870. Random sets
-rather than a router's, so that the projector does not depend on one policy; the same idea as training a vision-language model at several token budgets (Cai et al.,
-"Matryoshka Multimodal Models", 2024), here on the projector alone.
+rather than a router's, so that the projector does not depend on one policy; the same idea as
+training a vision-language model at several token budgets (Cai et al., "Matryoshka Multimodal
+Models", 2024), here on the projector alone.
 """
 
 from __future__ import annotations

@@ -107,8 +107,6 @@ def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]],
     stopped = "rounds"
 
     def penalty(policy: Policy) -> float:
-        if config.penalty == 0:
-            return 0.0
         return config.penalty * srm_penalty(n_samples, space.dim, policy.complexity, len(bases), config.delta,
                                             value_range)
 

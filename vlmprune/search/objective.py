@@ -28,11 +28,12 @@ from vlmprune.sequential import prune_tower_sequential
 from vlmprune.sparsity import Group
 
 
-def _dual_encoder_correct(loaded, spec, samples: dict, batch_size: int, device: str,
-                          probability: bool = False) -> Callable[[nn.Module], torch.Tensor]:
-    """Per-sample zero-shot correctness (float 0/1, on the CPU), or with ``probability`` the softmax
-    probability of the correct class; class c's embedding is the normalised mean of its normalised
-    prompt embeddings (prompt ensembling, as vlmprune.evaluators.zero_shot)."""
+def _dual_encoder_correct(loaded, spec, samples: dict, batch_size: int,
+                          device: str) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """``values(model) -> {"accuracy": (n,), "probability": (n,)}`` (on the CPU), from one pass: the
+    per-sample zero-shot correctness (float 0/1) and the softmax probability of the correct class;
+    class c's embedding is the normalised mean of its normalised prompt embeddings (prompt
+    ensembling, as vlmprune.evaluators.zero_shot)."""
     from vlmprune.data.images import image_split
 
     data, _, _ = image_split(spec)
@@ -44,21 +45,20 @@ def _dual_encoder_correct(loaded, spec, samples: dict, batch_size: int, device: 
     pixels = samples["pixel_values"]
 
     @torch.no_grad()
-    def correct(model: nn.Module) -> torch.Tensor:
+    def values(model: nn.Module) -> dict[str, torch.Tensor]:
         text = F.normalize(model.encode_text(ids, mask).float(), dim=-1).view(len(data.class_names), len(templates), -1)
         classes = F.normalize(text.mean(1), dim=-1).cpu()
         images = torch.cat([F.normalize(model.encode_image(pixels[s:s + batch_size].to(device)).float(), dim=-1).cpu()
                             for s in range(0, len(pixels), batch_size)])
         cosine = images @ classes.T
-        if probability:
-            scale = float(model.logit_scale.exp())
-            return torch.softmax(scale * cosine, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
-        return (cosine.argmax(dim=1) == labels).float()
+        scale = float(model.logit_scale.exp())
+        return {"accuracy": (cosine.argmax(dim=1) == labels).float(),
+                "probability": torch.softmax(scale * cosine, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)}
 
-    return correct
+    return values
 
 
-# family -> builder of a per-sample correctness function (values in {0, 1}); accuracy is its mean
+# family -> builder of the per-sample values (accuracy in {0, 1}, probability of the correct class)
 ACCURACY_HOOKS = {"dual_encoder": _dual_encoder_correct}
 
 
@@ -70,8 +70,8 @@ def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metr
         if hook is None:
             raise ValueError(f"search objective {metric!r} is built only for: {', '.join(ACCURACY_HOOKS)} "
                              f"(model family {adapter.family!r}); use allocation.search.objective: loss")
-        correct = hook(loaded, spec, samples, batch_size, device, probability=metric == "probability")
-        return (lambda model: float(correct(model).mean())), 1.0
+        values = hook(loaded, spec, samples, batch_size, device)
+        return (lambda model: float(values(model)[metric].mean())), 1.0
     if metric != "loss":
         raise ValueError(f"unknown search objective {metric!r}; known: accuracy, probability, loss")
     n = len(next(iter(samples.values())))
