@@ -53,6 +53,8 @@ def measure(interval_s: float = 0.02):
     try:
         yield usage
     finally:
+        if cuda:
+            torch.cuda.synchronize()  # the work queued on the GPU belongs to the block
         done.set()
         thread.join()
         usage.wall_s = time.perf_counter() - start

@@ -104,12 +104,12 @@ def sparsegpt_prune(
                 lowest = torch.topk(cost, n, dim=1, largest=False).indices
                 mask1.scatter_(1, i + lowest, True)
 
+            # few tensor calls per column: on a GPU their dispatch, not the arithmetic, is the cost
             col = w1[:, i]
-            q = col.clone()
-            q[mask1[:, i]] = 0
+            q = col.masked_fill(mask1[:, i], 0.0)  # not q[mask] = 0: boolean indexing waits for the GPU
             q1[:, i] = q
-            err = (col - q) / h_inv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) @ h_inv1[i, i:].unsqueeze(0)
+            err = (col - q) / d1[i]
+            w1[:, i:].addr_(err, h_inv1[i, i:], alpha=-1.0)  # W1[:, i:] -= err (outer) Hinv1[i, i:]
             err1[:, i] = err
 
         w[:, i1:i2] = q1
