@@ -194,12 +194,13 @@ def describe(samples: int, seq_len: int, batch_size: int, threads: int, model: s
 
 
 def suite(profile: str, out: str, samples: int = 8, seq_len: int = 128, batch_size: int = 4, threads: int = 2,
-          modes: list[str] = MODES, model: str = "smollm2", isolate: bool = True):
+          modes: list[str] = MODES, model: str = "smollm2", isolate: bool = True, prune_samples: int = 128):
     """Runner entry point (``kind: script``): the scoring-cost table at the given sizes."""
     from benchmarks.common import shell_command
     from benchmarks.report import SuiteResult
 
-    results = measure_modes(modes, samples, seq_len, batch_size, threads, model, isolate=isolate)
+    results = measure_modes(modes, samples, seq_len, batch_size, threads, model, isolate=isolate,
+                            prune_samples=prune_samples)
     rows = rows_of(results)
     n_groups = max((len(r["scores"]) for r in results.values()), default=0)
     command = shell_command("benchmarks.scoring_cost", {"samples": samples, "seq_len": seq_len,

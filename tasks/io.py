@@ -144,8 +144,18 @@ def write_meta(directory: Path, stage: str, usage: dict, **extra) -> None:
 
 
 def resolve_device(device: str) -> str:
+    """``model.device`` as torch reads it (``auto``: cuda when available, else cpu); a device this machine
+    does not have is a :class:`ModelError` naming the field, not a torch error deep in a stage."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            seen = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+            raise ModelError(f"model.device is {device!r} but torch sees {seen} here; use cpu or auto (cuda when "
+                             "available)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("model.device is 'mps' but torch sees no MPS device here; use cpu or auto")
     return device
 
 

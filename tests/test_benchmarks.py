@@ -311,9 +311,10 @@ def test_scoring_cost_suite_on_a_tiny_lm(tmp_path, small_threads):
     model = save_tiny(*build_tiny_causal_lm(), tmp_path / "lm")
     data = run_script(SCRIPT_SUITES["scoring_cost"], "tiny", str(tmp_path), {
         "samples": 4, "seq_len": 16, "batch_size": 2, "threads": 1, "model": str(model), "isolate": False,
-        "modes": ["forward", "first_order", "zeroth_full", "zeroth_cached"]})
+        "modes": ["forward", "first_order", "zeroth_full", "zeroth_cached", "prune_wanda"], "prune_samples": 6})
     rows = {r["mode"]: r for r in data["rows"]}
-    assert list(rows) == ["forward", "first_order", "zeroth_full", "zeroth_cached"]
+    assert list(rows) == ["forward", "first_order", "zeroth_full", "zeroth_cached", "prune_wanda"]
+    assert rows["prune_wanda"]["passes"] == "3 batches of 2"  # the prune stage's own 6 windows
     assert data["columns"] == ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr"]
     assert rows["forward"]["x forward time"] == 1.0 and rows["forward"]["passes"] == "2 fwd"
     assert all(r["wall_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
@@ -321,6 +322,21 @@ def test_scoring_cost_suite_on_a_tiny_lm(tmp_path, small_threads):
     # same estimator: the same ranking of the blocks
     assert rows["zeroth_full"]["passes"].startswith("8 fwd") and rows["zeroth_cached"]["rank_corr"] == pytest.approx(1.0)
     assert "rank_corr" not in rows["forward"]  # the plain forward computes no scores
+
+
+def test_scoring_cost_builds_a_model_from_a_config_and_prunes_it_on_random_tokens(tmp_path, small_threads):
+    """What a bare GPU worker runs (no packaged model or corpus): random weights and token ids."""
+    from transformers import LlamaConfig
+
+    from benchmarks.scoring_cost import run_mode
+
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    pruned = run_mode("prune_sparsegpt", 4, 16, 2, 1, f"config:{tmp_path / 'config.json'}", "random", prune_samples=6)
+    assert pruned["passes"] == "3 batches of 2" and pruned["peak_mb"] > 0 and pruned["scores"] == {}
+    scores = [run_mode("zeroth_cached_fwd", 4, 16, 2, 1, f"config:{tmp_path / 'config.json'}", "random")["scores"]
+              for _ in range(2)]
+    assert len(scores[0]) == 2 and scores[0] == scores[1]  # seeded weights, tokens and directions
 
 
 def test_structured_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):

@@ -169,3 +169,65 @@ def test_cpu_offload_on_cuda_is_bit_identical_and_holds_less_gpu_memory():
     block_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     # the other three blocks never reach the GPU
     assert offloaded_peak <= resident_peak - 2 * block_bytes, (offloaded_peak, resident_peak, block_bytes)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_cuda_graphs_are_bit_identical_to_the_eager_loop(nm):
+    """The column loop replayed as a CUDA graph (default on a GPU) against the same loop run eagerly:
+    300 columns (two full blocks and a partial one, so two graphs, one replayed) and a dead input."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 96, bias=False, device="cuda")
+    inputs = torch.randn(1024, 300, device="cuda") @ torch.randn(300, 300, device="cuda") / 10
+    inputs[:, 7] = 0
+    stats = InputStats(layer, need_hessian=True)
+    stats.add_batch(inputs)
+    graphed = PRUNERS.get("sparsegpt")()
+    eager = PRUNERS.get("sparsegpt")(cuda_graphs=False)
+    for _ in range(2):  # the second call replays graphs captured by the first
+        w_graph, m_graph = graphed.prune(layer.weight.detach(), stats, 0.5, nm)
+        w_eager, m_eager = eager.prune(layer.weight.detach(), stats, 0.5, nm)
+        assert torch.equal(m_graph, m_eager) and torch.equal(w_graph, w_eager)
+    assert len(graphed.graphs.graphs) == 2 and eager.graphs is None
+    assert m_graph[:, 7].all() and not w_graph[m_graph].any()
+
+
+def build_llava(seed: int = 0):
+    """A LLaVA (CLIP ViT 32x32 / patch 8 -> 16 image tokens, 4-layer LLaMA) over a 512-token vocabulary,
+    no tokenizer needed: token 500 is the image token."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=500, image_seq_length=16,
+                         projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def test_par_router_training_runs_on_cuda_as_on_the_cpu():
+    """The train_router stage's library calls: block influence, the cached examples and router steps
+    (each crashed on CUDA before: CPU tensors met CUDA ones)."""
+    from vlmprune.par.decoder import decoder_of
+    from vlmprune.par.policies import block_influence
+    from vlmprune.par.router import MetaRouter, RouterConfig
+    from vlmprune.par.train import make_examples, train_router
+
+    cpu_model = build_llava()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    ids = torch.tensor([[1, 10, 11] + [500] * 16 + [12, 13, 14]])
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    cpu_dec, gpu_dec = decoder_of(cpu_model), decoder_of(gpu_model)
+    influence = block_influence(cpu_dec, ids, pixels, 4)
+    assert block_influence(gpu_dec, ids.cuda(), pixels.cuda(), 4) == pytest.approx(influence, rel=1e-3, abs=1e-6)
+    cpu_examples = make_examples(cpu_dec, ids, pixels, 1, 2, batch_size=4)
+    examples = make_examples(gpu_dec, ids.cuda(), pixels.cuda(), 1, 2, batch_size=4)
+    assert examples.hidden.is_cuda and torch.allclose(examples.hidden.cpu(), cpu_examples.hidden, atol=1e-4)
+    for token_loss in ("straight_through", "contributions"):
+        torch.manual_seed(0)
+        router = MetaRouter(RouterConfig(gpu_dec.hidden_size, gpu_dec.n_layers, 1, width=16)).cuda()
+        losses = train_router(gpu_dec, router, examples, 2, 1e-2, 4, points=[(0.5, 0.5), (0.5, 1.0)],
+                              token_loss=token_loss)
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -352,3 +352,14 @@ def test_two_concurrent_runs_keep_their_artifacts_and_registered_versions(upstre
     assert records[0]["run_id"] != records[1]["run_id"]
     alias = client.get_model_version_by_alias("tiny-concurrent", "candidate")
     assert alias.run_id in {r["run_id"] for r in records}
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error_naming_the_field():
+    from tasks.io import resolve_device
+    from vlmprune.errors import ModelError
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: never there
+    with pytest.raises(ModelError, match=r"model.device is 'cuda:\d+' but torch sees .*; use cpu or auto"):
+        resolve_device(missing)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"

@@ -2,7 +2,8 @@
 
 Peak resident memory is sampled from the OS (psutil) by a background thread every 20 ms, since a
 stage may run inside a longer-lived process (a Prefect flow) where ``ru_maxrss`` would report the
-process's all-time peak. On CUDA, ``torch.cuda.max_memory_allocated`` is recorded too.
+process's all-time peak. On CUDA, ``torch.cuda.max_memory_allocated`` is recorded too (the largest
+over the visible GPUs: a run uses one of them, ``model.device: cuda:N``).
 """
 
 from __future__ import annotations
@@ -45,19 +46,19 @@ def measure(interval_s: float = 0.02):
             peak[0] = max(peak[0], process.memory_info().rss)
 
     thread = threading.Thread(target=sample, daemon=True)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     start = time.perf_counter()
     thread.start()
     try:
         yield usage
     finally:
-        if cuda:
-            torch.cuda.synchronize()  # the work queued on the GPU belongs to the block
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)  # the work queued on the GPU belongs to the block
         done.set()
         thread.join()
         usage.wall_s = time.perf_counter() - start
         usage.peak_rss_mb = max(peak[0], process.memory_info().rss) / 2**20
-        if cuda:
-            usage.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+        if gpus:
+            usage.peak_cuda_mb = max(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / 2**20

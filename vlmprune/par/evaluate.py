@@ -89,17 +89,23 @@ def latency(dec: Decoder, data: VQASet, plan: Plan, policy, repeats: int = 10, w
     prefill_s, lm_s, decode_s = [], [], []
     ids = data.input_ids.to(device)
     mask = dec.visual_mask(ids)
+
+    def clock() -> float:  # CUDA runs asynchronously: wait for the queued work before reading the clock
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        return time.perf_counter()
+
     for run in range(warmup + repeats):
         pixels = data.pixel_values[run % len(data.labels)][None].to(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         embeds = dec.embed_inputs(ids, pixels)
-        t1 = time.perf_counter()
+        t1 = clock()
         logits, cache = prefill(dec, embeds, mask, plan, policy)
-        t2 = time.perf_counter()
+        t2 = clock()
         token = logits.argmax(-1)
         for _ in range(new_tokens):
             token = decode(dec, token, cache).argmax(-1)
-        t3 = time.perf_counter()
+        t3 = clock()
         if run >= warmup:
             prefill_s.append(t2 - t0)
             lm_s.append(t2 - t1)

@@ -87,7 +87,7 @@ def block_influence(dec: Decoder, input_ids: torch.Tensor, pixel_values: torch.T
     under the prompt ``input_ids`` ((1, T), or one row per image), ``batch_size`` images per forward.
     The inputs are embedded here, without gradients: an autograd graph of the vision tower kept for
     every batch grows with the image size (about 20 GB for 64 images at 448 px)."""
-    total, count = torch.zeros(dec.n_layers, dtype=torch.float64), 0
+    total, count = torch.zeros(dec.n_layers, dtype=torch.float64, device=pixel_values.device), 0
     for start in range(0, pixel_values.shape[0], batch_size):
         pixels = pixel_values[start:start + batch_size]
         ids = input_ids.expand(len(pixels), -1) if input_ids.shape[0] == 1 else input_ids[start:start + batch_size]

@@ -105,9 +105,9 @@ def make_examples(dec: Decoder, input_ids: torch.Tensor, pixel_values: torch.Ten
         mask = dec.visual_mask(full)
         prefix = run_prefix(dec, embeds, mask, k)
         h = prefix.hidden
-        positions = torch.arange(full.shape[1]).unsqueeze(0).expand(h.shape[0], -1)
+        positions = torch.arange(full.shape[1], device=h.device).unsqueeze(0).expand(h.shape[0], -1)
         cos, sin = rotary(dec, h, positions)
-        ones = torch.ones(mask.shape, dtype=h.dtype)
+        ones = torch.ones(mask.shape, dtype=h.dtype, device=h.device)
         out = h
         for index in range(k, dec.n_layers):
             out = run_layer_weighted(dec, dec.layers[index], out, cos, sin, ones)
