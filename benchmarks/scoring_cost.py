@@ -89,12 +89,11 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
     torch.set_num_threads(threads)
     adapter = ADAPTERS.get("causal_lm")()
     loaded = load_model(adapter, model, device)
-    batches = batches_of(make_windows(adapter, loaded, data, samples, seq_len, 0), batch_size, device)
+    n, seed = (prune_samples, 1) if mode in PRUNE_MODES else (samples, 0)  # the prune stage has its own sample
+    batches = batches_of(make_windows(adapter, loaded, data, n, seq_len, seed), batch_size, device)
     towers = adapter.towers(loaded.model)
     layout = model_layout(loaded.model, towers)
     groups = {g.name: g.layers for g in layout}
-    if mode in PRUNE_MODES:  # the prune stage's own sample: more windows, another seed
-        batches = batches_of(make_windows(adapter, loaded, data, prune_samples, seq_len, 1), batch_size, device)
     if device != "cpu":  # CUDA's start-up (context, cuBLAS) outside the measured work
         with torch.no_grad():
             adapter.loss(loaded.model, batches[0])

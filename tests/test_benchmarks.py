@@ -605,3 +605,19 @@ def test_s_max_sweep_on_a_tiny_lm(tmp_path, small_threads):
     assert rows[0]["x uniform"] == 1.0
     assert all(r["x uniform"] == pytest.approx(r["perplexity"] / rows[0]["perplexity"]) for r in rows)
     assert result["score s"] > 0 and result["dense"] > 0
+
+
+def test_search_draws_summarises_each_method_over_the_draws():
+    from benchmarks.search_draws import summarize
+
+    def rows(ecoflap, search, search_gap):
+        return [{"method": "dense", "held-out acc": 0.97, "gap": 0.03},
+                {"method": "ecoflap (zeroth)", "held-out acc": ecoflap, "gap": 0.05},
+                {"method": "search (no penalty)", "held-out acc": search, "gap": search_gap}]
+
+    summary = {r["method"]: r for r in summarize({1: rows(0.9, 0.95, 0.02), 2: rows(0.9, 0.85, 0.06)})}
+    assert list(summary) == ["ecoflap (zeroth)", "search (no penalty)"]  # dense left out
+    search = summary["search (no penalty)"]
+    assert search["held-out mean"] == pytest.approx(0.90) and search["held-out sd"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert search["gap mean"] == pytest.approx(0.04) and search["beats ECoFLaP"] == "1/2"
+    assert summary["ecoflap (zeroth)"]["beats ECoFLaP"] == "0/2" and summary["ecoflap (zeroth)"]["gap sd"] == 0

@@ -1,5 +1,6 @@
-"""The library on a CUDA GPU: the same masks, weights and scores as on the CPU, and block offloading
-(``runtime.offload: cpu``) bit-identical to pruning in GPU memory while holding less of it.
+"""The library on a CUDA GPU: the CPU's masks and scores (up to near-ties), block offloading
+(``runtime.offload: cpu``) bit-identical to pruning in GPU memory while holding less of it, SparseGPT's
+CUDA graphs bit-identical to its eager loop, and PAR's router training.
 
 Skipped without a GPU (CI has none); on a GPU machine: ``python -m pytest tests/test_cuda.py``. These
 tests need only torch and transformers (no tokenizer, corpus or orchestration tool), so they run on
@@ -71,8 +72,8 @@ def assert_half(mask: torch.Tensor, method: str) -> None:
     if method == "wanda":
         assert (mask.sum(dim=1) == mask.shape[1] // 2).all()
     else:
-        blocks = -(-mask.shape[1] // 128)
-        assert mask.numel() // 2 <= int(mask.sum()) <= mask.numel() // 2 + blocks
+        n_blocks = -(-mask.shape[1] // 128)
+        assert mask.numel() // 2 <= int(mask.sum()) <= mask.numel() // 2 + n_blocks
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -1,0 +1,96 @@
+"""Policy search over several draws of its search samples: are its held-out gain and its gap a property
+of the method or of one draw?
+
+Runs :mod:`benchmarks.search` once per draw at one sample count. Draw ``d`` sets
+``allocation.search.sample_seed = d``, which picks the search samples from the training split, and
+uses ``d`` as the search's own seed. The held-out set, the calibration samples and ECoFLaP's scores
+stay the same in every draw. The script then summarises each method over the draws:
+
+- the held-out accuracy: mean and standard deviation;
+- the gap (search-set accuracy minus held-out accuracy): mean and standard deviation;
+- how many draws beat ECoFLaP held out.
+
+    python -m benchmarks.search_draws --sparsity 0.7 --size 64 --draws 1 2 3 4 5 --penalties 1 0.1 0 \
+        --rounds 5 --population 8 --objective probability
+
+Each draw's full table goes to ``<out>/search_draws/draw_<d>/``; the summary to
+``<out>/search_draws.md``. A draw must differ from ``calibration.seed`` (the params refuse it otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP"]
+
+
+def summarize(draws: dict[int, list[dict]]) -> list[dict]:
+    """One row per method (dense left out) over the draws' result rows (as :func:`benchmarks.search.run`
+    returns them): held-out accuracy and gap, mean and sample standard deviation, and in how many
+    draws the held-out accuracy is above ECoFLaP's of the same draw."""
+    per_method: dict[str, list[tuple[float, float, bool]]] = {}
+    for rows in draws.values():
+        ecoflap = next(r for r in rows if r["method"].startswith("ecoflap"))
+        for r in rows:
+            if r["method"] != "dense":
+                beats = r["held-out acc"] > ecoflap["held-out acc"]
+                per_method.setdefault(r["method"], []).append((r["held-out acc"], r["gap"], beats))
+    summary = []
+    for method, values in per_method.items():
+        held, gaps = [v[0] for v in values], [v[1] for v in values]
+        spread = statistics.stdev if len(values) > 1 else (lambda _: 0.0)
+        summary.append({"method": method, "draws": len(values), "held-out mean": statistics.mean(held),
+                        "held-out sd": spread(held), "gap mean": statistics.mean(gaps), "gap sd": spread(gaps),
+                        "beats ECoFLaP": f"{sum(v[2] for v in values)}/{len(values)}"})
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--size", type=int, default=64, help="search samples")
+    parser.add_argument("--draws", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.1, 0.0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--population", type=int, default=8)
+    parser.add_argument("--granularity", default="4")
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--objective", choices=["accuracy", "probability"], default="probability")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    from benchmarks.common import machine, markdown_table
+    from benchmarks.search import Options, run
+
+    draws = {}
+    for draw in args.draws:
+        options = Options(sparsity=args.sparsity, sizes=[args.size], rounds=args.rounds, population=args.population,
+                          granularity=args.granularity, calibration_samples=args.calibration_samples, seed=draw,
+                          objective=args.objective, params=args.params,
+                          overrides=[*args.overrides, f"allocation.search.sample_seed={draw}"],
+                          reuse="artifacts" if args.params == "params.yaml" else None,
+                          out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties)
+        draws[draw] = run(options)
+    penalties = " ".join(f"{w:g}" for w in args.penalties)
+    command = (f"python -m benchmarks.search_draws --sparsity {args.sparsity} --size {args.size} --draws "
+               f"{' '.join(map(str, args.draws))} --penalties {penalties} --rounds {args.rounds} --population "
+               f"{args.population} --granularity {args.granularity} --calibration-samples "
+               f"{args.calibration_samples} --objective {args.objective}"
+               + (f" --params {args.params}" if args.params != "params.yaml" else "")
+               + "".join(f" -S {o}" for o in args.overrides))
+    text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(args.draws)} draws of "
+            f"them (allocation.search.sample_seed = {', '.join(map(str, args.draws))}); held-out set, calibration "
+            f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
+            f"whose held-out accuracy is above ECoFLaP's. Per-draw tables: `search_draws/draw_<d>/`.\n"
+            f"Machine: {machine()}.\nCommand: {command}\n\n"
+            f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n")
+    print(text)
+    (Path(args.out) / "search_draws.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
