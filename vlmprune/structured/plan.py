@@ -44,8 +44,8 @@ class StructuredSettings:
 
 def keep_top(scores: tuple[torch.Tensor, torch.Tensor], n_keep: int) -> list[int]:
     """Indices of the ``n_keep`` most important units (by score, then tie-break), in index order."""
-    primary, secondary = scores
-    order = sorted(range(len(primary)), key=lambda i: (float(primary[i]), float(secondary[i]), -i))
+    primary, secondary = (s.detach().cpu().tolist() for s in scores)  # one copy, not a GPU sync per unit
+    order = sorted(range(len(primary)), key=lambda i: (primary[i], secondary[i], -i))
     return sorted(order[len(order) - n_keep:])
 
 
