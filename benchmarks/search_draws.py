@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    from benchmarks.common import machine, markdown_table
+    from benchmarks.common import machine, markdown_table, shell_command
     from benchmarks.search import Options, run
 
     draws = {}
@@ -75,13 +75,8 @@ def main() -> None:
                           reuse="artifacts" if args.params == "params.yaml" else None,
                           out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties)
         draws[draw] = run(options)
-    penalties = " ".join(f"{w:g}" for w in args.penalties)
-    command = (f"python -m benchmarks.search_draws --sparsity {args.sparsity} --size {args.size} --draws "
-               f"{' '.join(map(str, args.draws))} --penalties {penalties} --rounds {args.rounds} --population "
-               f"{args.population} --granularity {args.granularity} --calibration-samples "
-               f"{args.calibration_samples} --objective {args.objective}"
-               + (f" --params {args.params}" if args.params != "params.yaml" else "")
-               + "".join(f" -S {o}" for o in args.overrides))
+    options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out")}
+    command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)
     text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(args.draws)} draws of "
             f"them (allocation.search.sample_seed = {', '.join(map(str, args.draws))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "

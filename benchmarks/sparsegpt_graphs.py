@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -72,8 +73,7 @@ def main() -> None:
             f"benchmarks.sparsegpt_graphs --repeats {args.repeats}\n\n{markdown_table(rows, list(rows[0]))}\n")
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

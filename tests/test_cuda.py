@@ -14,10 +14,12 @@ import copy
 import pytest
 import torch
 
+from vlmprune.adapters.causal_lm import CausalLMAdapter
 from vlmprune.offload import GroupOffloader
 from vlmprune.pruners import PRUNERS, InputStats
 from vlmprune.scorers import SCORERS
 from vlmprune.sequential import prune_tower_sequential
+from vlmprune.sparsity import model_layout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,27 +42,18 @@ def batches(device: str, n: int = 4, size: int = 2, seq_len: int = 64) -> list[d
             for i in range(0, n * size, size)]
 
 
-def run(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-
-
-def loss(model, batch):
-    logits = run(model, batch).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
+ADAPTER = CausalLMAdapter()
 
 
 def blocks(model) -> list[tuple[str, torch.nn.Module, dict[str, torch.nn.Module]]]:
-    out = []
-    for i, block in enumerate(model.model.layers):
-        name = f"model.layers.{i}"
-        layers = {f"{name}.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-        out.append((name, block, layers))
-    return out
+    """(name, block, {layer name: layer}) of every decoder layer, as the prune stage lays them out."""
+    return [(g.name, g.module, g.layers) for g in model_layout(model, ADAPTER.towers(model))]
 
 
 def prune(model, device: str, method: str, hold=None) -> dict[str, torch.Tensor]:
     members = blocks(model)
     sparsity = {name: 0.5 for _, _, layers in members for name in layers}
+    run = ADAPTER.towers(model)[0].run
     masks = prune_tower_sequential(model, run, batches(device), members, sparsity, PRUNERS.get(method)(), None,
                                    progress=False, hold=hold)
     return {k: v.cpu() for k, v in masks.items()}
@@ -131,17 +124,17 @@ def test_scores_on_cuda_match_the_cpu_and_repeat_with_the_seed():
     gpu_model = copy.deepcopy(cpu_model).cuda()
     groups = {name: layers for name, _, layers in blocks(cpu_model)}
     gpu_groups = {name: layers for name, _, layers in blocks(gpu_model)}
-    first_cpu = SCORERS.get("first_order")(cpu_model, groups, loss, batches("cpu")).group_scores
-    first_gpu = SCORERS.get("first_order")(gpu_model, gpu_groups, loss, batches("cuda")).group_scores
+    first_cpu = SCORERS.get("first_order")(cpu_model, groups, ADAPTER.loss, batches("cpu")).group_scores
+    first_gpu = SCORERS.get("first_order")(gpu_model, gpu_groups, ADAPTER.loss, batches("cuda")).group_scores
     for name in first_cpu:
         assert first_gpu[name] == pytest.approx(first_cpu[name], rel=1e-3)
-    zeroth = [SCORERS.get("zeroth_order")(gpu_model, gpu_groups, loss, batches("cuda"), seed=3).group_scores
+    zeroth = [SCORERS.get("zeroth_order")(gpu_model, gpu_groups, ADAPTER.loss, batches("cuda"), seed=3).group_scores
               for _ in range(2)]
     assert zeroth[0] == zeroth[1] and all(v > 0 for v in zeroth[0].values())
     # the perturbations were undone: the model still gives the CPU model's loss
     with torch.no_grad():
-        assert float(loss(gpu_model, batches("cuda")[0])) == pytest.approx(float(loss(cpu_model, batches("cpu")[0])),
-                                                                           rel=1e-4)
+        after, dense = ADAPTER.loss(gpu_model, batches("cuda")[0]), ADAPTER.loss(cpu_model, batches("cpu")[0])
+        assert float(after) == pytest.approx(float(dense), rel=1e-4)
 
 
 def test_cpu_offload_on_cuda_is_bit_identical_and_holds_less_gpu_memory():

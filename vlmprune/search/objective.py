@@ -28,7 +28,7 @@ from vlmprune.sequential import prune_tower_sequential
 from vlmprune.sparsity import Group
 
 
-def _dual_encoder_correct(loaded, spec, samples: dict, batch_size: int,
+def _dual_encoder_values(loaded, spec, samples: dict, batch_size: int,
                           device: str) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
     """``values(model) -> {"accuracy": (n,), "probability": (n,)}`` (on the CPU), from one pass: the
     per-sample zero-shot correctness (float 0/1) and the softmax probability of the correct class;
@@ -59,7 +59,7 @@ def _dual_encoder_correct(loaded, spec, samples: dict, batch_size: int,
 
 
 # family -> builder of the per-sample values (accuracy in {0, 1}, probability of the correct class)
-ACCURACY_HOOKS = {"dual_encoder": _dual_encoder_correct}
+ACCURACY_HOOKS = {"dual_encoder": _dual_encoder_values}
 
 
 def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metric: str, batch_size: int,
