@@ -8,7 +8,8 @@ stay the same in every draw. The script then summarises each method over the dra
 
 - the held-out accuracy: mean and standard deviation;
 - the gap (search-set accuracy minus held-out accuracy): mean and standard deviation;
-- how many draws beat ECoFLaP held out.
+- how many draws beat ECoFLaP held out;
+- for each penalised search, its gap minus the unpenalised search's gap on the same draw (paired).
 
     python -m benchmarks.search_draws --sparsity 0.7 --size 64 --draws 1 2 3 4 5 --penalties 1 0.1 0 \
         --rounds 5 --population 8 --objective probability
@@ -20,10 +21,13 @@ Each draw's full table goes to ``<out>/search_draws/draw_<d>/``; the summary to
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
 SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP"]
+PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "smaller", "equal", "larger"]
+UNPENALISED = "search (no penalty)"
 
 
 def summarize(draws: dict[int, list[dict]]) -> list[dict]:
@@ -45,6 +49,27 @@ def summarize(draws: dict[int, list[dict]]) -> list[dict]:
                         "held-out sd": spread(held), "gap mean": statistics.mean(gaps), "gap sd": spread(gaps),
                         "beats ECoFLaP": f"{sum(v[2] for v in values)}/{len(values)}"})
     return summary
+
+
+def paired_gaps(draws: dict[int, list[dict]]) -> list[dict]:
+    """Each penalised search against the unpenalised one of the same draw (same search samples): the
+    difference of their gaps (penalised - unpenalised), its mean and standard error over the draws
+    (sample sd / sqrt(draws)), and in how many draws the penalised gap is smaller, equal or larger."""
+    differences: dict[str, list[float]] = {}
+    for rows in draws.values():
+        by_method = {r["method"]: r for r in rows}
+        if UNPENALISED not in by_method:
+            continue
+        for method, r in by_method.items():
+            if method.startswith("search (") and method != UNPENALISED:
+                differences.setdefault(method, []).append(r["gap"] - by_method[UNPENALISED]["gap"])
+    out = []
+    for method, values in differences.items():
+        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+        out.append({"method": method, "draws": len(values), "gap diff mean": statistics.mean(values),
+                    "gap diff se": se, "smaller": sum(v < 0 for v in values), "equal": sum(v == 0 for v in values),
+                    "larger": sum(v > 0 for v in values)})
+    return out
 
 
 def main() -> None:
@@ -75,6 +100,7 @@ def main() -> None:
                           reuse="artifacts" if args.params == "params.yaml" else None,
                           out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties)
         draws[draw] = run(options)
+        (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
     options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out")}
     command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)
     text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(args.draws)} draws of "
@@ -82,7 +108,9 @@ def main() -> None:
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
             f"whose held-out accuracy is above ECoFLaP's. Per-draw tables: `search_draws/draw_<d>/`.\n"
             f"Machine: {machine()}.\nCommand: {command}\n\n"
-            f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n")
+            f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n\n"
+            f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"
+            f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n")
     print(text)
     (Path(args.out) / "search_draws.md").write_text(text)
 

@@ -4,6 +4,7 @@ between markers, the profiles file, and one tiny end-to-end run of the Prefect f
 from __future__ import annotations
 
 import csv
+import statistics
 import sys
 
 import pytest
@@ -621,3 +622,18 @@ def test_search_draws_summarises_each_method_over_the_draws():
     assert search["held-out mean"] == pytest.approx(0.90) and search["held-out sd"] == pytest.approx(0.1 / 2 ** 0.5)
     assert search["gap mean"] == pytest.approx(0.04) and search["beats ECoFLaP"] == "1/2"
     assert summary["ecoflap (zeroth)"]["beats ECoFLaP"] == "0/2" and summary["ecoflap (zeroth)"]["gap sd"] == 0
+
+
+def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_draw():
+    from benchmarks.search_draws import paired_gaps
+
+    def rows(penalised_gap, unpenalised_gap):
+        return [{"method": "ecoflap (zeroth)", "gap": 0.05},
+                {"method": "search (penalty x0.1)", "gap": penalised_gap},
+                {"method": "search (no penalty)", "gap": unpenalised_gap}]
+
+    (row,) = paired_gaps({1: rows(0.02, 0.05), 2: rows(0.04, 0.04), 3: rows(0.06, 0.05)})
+    assert row["method"] == "search (penalty x0.1)" and row["draws"] == 3
+    assert row["gap diff mean"] == pytest.approx((-0.03 + 0 + 0.01) / 3)
+    assert row["gap diff se"] == pytest.approx(statistics.stdev([-0.03, 0.0, 0.01]) / 3 ** 0.5)
+    assert (row["smaller"], row["equal"], row["larger"]) == (1, 1, 1)
