@@ -427,11 +427,30 @@ def test_cached_blocks_give_the_same_scores_with_fewer_block_calls(granularity, 
     for name, value in full.layer_scores.items():
         assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4, abs=1e-9)
     # full: every block runs in every forward. Cached: per batch one clean forward (+ one check on the
-    # first batch), and a perturbation of layer k runs layers k..2 only.
+    # first batch), and a perturbation of layer k runs layers k..2 only. The clean input of layer k
+    # (output of layer k - 1) is computed again before layer k is perturbed: layers 0 and 1 once per
+    # batch; on the first batch the check from layer 2 computes both first, and layer 0's output,
+    # dropped there (only layer 1 reads it), is computed a third time for layer 1.
     units = {"group": 1, "tensor": 7}[granularity]
     assert full_calls == {name: 3 * 2 * units * 2 for name in blocks}
-    assert calls == {f"layer{k}": 2 * (1 + 2 * units * (k + 1)) + (k == 2) for k in range(3)}
+    recomputed = {0: 3, 1: 2, 2: 0}
+    assert calls == {f"layer{k}": 2 * (1 + 2 * units * (k + 1)) + (k == 2) + recomputed[k] for k in range(3)}
     assert cached.forward_passes == full.forward_passes + 2 + 1
+
+
+def test_block_cache_holds_one_hidden_state_per_chain_and_reproduces_the_clean_loss_from_every_block():
+    from vlmprune.scorers.block_cache import BlockCache
+
+    model = llama(factors=(3.0, 1.0, 0.3))
+    blocks, batch = llama_blocks(model), llama_batches(1)[0]
+    cache = BlockCache(blocks, {"lm": list(blocks)})
+    with torch.no_grad():
+        clean = cache.capture(lambda: llama_loss(model, batch))
+        assert cache.held() == 0  # the last block's output feeds only the head, which always runs
+        for name in blocks:
+            with cache.start_at(name):
+                assert cache.held() == (name != "layer0")  # the output of the block before, nothing else
+                assert float(llama_loss(model, batch)) == pytest.approx(clean, rel=1e-6)
 
 
 def test_forward_difference_approaches_the_central_one():
@@ -473,6 +492,20 @@ def test_cached_blocks_across_two_towers_and_broken_chains():
     cached = zeroth_order(model, groups, mlp_loss, batches, variant="weight_grad", blocks=blocks, towers=towers)
     for name, value in full.layer_scores.items():
         assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
+    # the first tower's last output stays held for the second tower, beside one state per chain
+    from vlmprune.scorers.block_cache import BlockCache
+
+    cache = BlockCache(blocks, towers)
+    with torch.no_grad():
+        clean = cache.capture(lambda: mlp_loss(model, batches[0]))
+        for name, held in {"a0": 1, "a1": 2, "a2": 2, "b0": 1, "b1": 2}.items():
+            with cache.start_at(name):
+                assert cache.held() == held
+                assert float(mlp_loss(model, batches[0])) == pytest.approx(clean, rel=1e-6)
     # declaring the blocks as one chain in the wrong order is caught at capture
     with pytest.raises(RuntimeError, match="is not the output of"):
         zeroth_order(model, groups, mlp_loss, batches, blocks=blocks, towers={"x": ["a0", "a2", "a1", "b0", "b1"]})
+    # code after the first tower that writes into its output would corrupt the held copy: refused
+    model.forward = lambda x: model.b(torch.tanh_(model.a(x)))
+    with pytest.raises(RuntimeError, match="modified the recorded output of 'a2' in place"):
+        zeroth_order(model, groups, mlp_loss, batches, blocks=blocks, towers=towers)

@@ -2,22 +2,30 @@
 
 When one block's weights are perturbed, every block that the forward pass runs *before* it computes
 exactly what it computed in the clean forward. :class:`BlockCache` runs the clean forward of one batch
-once, recording for every block (group module) the order it ran in, its input and its output. Inside
-``cache.start_at(block)``, each block that ran before ``block`` is replaced by a stub that does no
-work: it returns its cached output when that output is read by code that still runs (the block just
-before ``block`` in the same chain, or the last block of an earlier tower, whose output feeds the
-projection heads or the next tower), and otherwise passes its input along (nobody reads it). The loss
-is then computed by the model's own code, so nothing family-specific is needed.
+once, recording for every block (group module) the order it ran in. Inside ``cache.start_at(block)``,
+each block that ran before ``block`` is replaced by a stub that does no work: it returns its clean
+output when that output is read by code that still runs (the block just before ``block`` in the same
+chain, or the last block of an earlier tower, whose output feeds the projection heads or the next
+tower), and otherwise passes its input along (nobody reads it). The loss is then computed by the
+model's own code, so nothing family-specific is needed.
 
-The substitution is exact under three conditions, each checked:
+Only the outputs some later forward may read are held: the last output of a tower that later code
+reads, and the output of the block before the one being perturbed, computed again (one block
+evaluation) when it is first needed. Scoring the blocks in the order they run, the cache holds one
+hidden state per chain instead of one per block: for SmolLM2 at 8 x 512 tokens, 9.4 MB instead of
+30 x 9.4 MB.
+
+The substitution is exact under four conditions, each checked:
 
 - every block runs equally often per forward pass (else ``RuntimeError`` at capture); with c calls
   each, call i of every block is chain i, and only the calls before the first call of the perturbed
   block are skipped;
 - a block's hidden-state input is the previous block's output when both belong to one chain
   (checked by identity or equality at capture);
-- no cached tensor is modified in place later in the clean forward (checked through the tensors'
-  version counters before they are reused).
+- no held output is modified in place by a later forward (checked through the tensors' version
+  counters before they are reused);
+- the clean forward is deterministic, so an output computed again equals the captured one (checked
+  by :meth:`BlockCache.verify`, whose from-block forwards use outputs computed again).
 
 :meth:`BlockCache.verify` compares the loss of a from-block forward with the clean loss on the
 unperturbed model (the same arithmetic on the same inputs, so the two agree to rounding).
@@ -31,7 +39,8 @@ a forward that starts at block s gives one number, which involves only d_s..d_{L
 d_0..d_l takes at least l + 1 forwards that start at or before block l, for every l. The cheapest
 such set starts one forward at each block, as here: per sample sum_k (L - k + h) block evaluations
 for forward differences, h being what runs after the blocks (an LM head) in block units, twice that
-for central ones. For SmolLM2 (L = 30, its 49k-token head about h = 8 blocks) that is 705 against
+for central ones (plus L - 1 evaluations here, to compute each block's clean input again). For SmolLM2
+(L = 30, its 49k-token head about h = 8 blocks) that is 705 (734 here) against
 3L = 90 for the sequential prune of one calibration sample (:mod:`vlmprune.sequential`): at the
 defaults (32 scoring, 128 calibration samples) zeroth-order scores cost about twice the prune stage
 in block evaluations with forward differences, four times with central ones.
@@ -71,10 +80,13 @@ def with_hidden(output: Any, hidden: Tensor) -> Any:
 @dataclass
 class _Record:
     order: int
-    input: Tensor
-    input_version: int
-    output: Any
-    output_version: int
+    shell: Any  # the block's output with its hidden state left out (None for a bare tensor)
+    hidden: Tensor | None = None  # the clean output hidden state, while some forward may still read it
+    version: int = 0
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the output it was run for has been recorded."""
 
 
 class BlockCache:
@@ -82,6 +94,13 @@ class BlockCache:
 
     A loss may run a block more than once (a text encoder applied to two halves of a batch): every
     block must then run the same number of times, and call c of each block forms chain c.
+
+    Memory: a record keeps a block's output only while a forward that starts at a later block can
+    still read it. The output a forward from block k reads (that of block k - 1) is computed when the
+    first forward from block k is asked for, by a clean forward from block k - 1 that stops after it
+    (one block evaluation; its input, the output of block k - 2, is still held when blocks are scored
+    in the order they run). So at any time a chain holds one hidden state, plus the last output of each
+    tower that later towers read, instead of one per block.
     """
 
     def __init__(self, blocks: dict[str, nn.Module], chains: dict[str, list[str]]):
@@ -89,29 +108,39 @@ class BlockCache:
         self.blocks = blocks
         self.chains = chains
         self.tower_of = {name: tower for tower, names in chains.items() for name in names}
+        self.previous = {after: before for names in chains.values() for before, after in zip(names, names[1:])}
         self.records: dict[tuple[str, int], _Record] = {}
         self.n_calls = 0
         self.loss: float | None = None
+        self._run: Callable[[], Tensor] | None = None
 
     @torch.no_grad()
     def capture(self, run: Callable[[], Tensor]) -> float:
-        """Run the clean forward ``run()`` (returns the loss) once, recording every block call."""
+        """Run the clean forward ``run()`` (returns the loss) once, recording every block call; ``run`` is
+        called again, with earlier blocks skipped, whenever a dropped output is needed once more, so it
+        must compute the same clean forward each time (re-seed inside it if the loss draws randomness)."""
         self.records = {}
         order: list[tuple[str, int]] = []
         count = {name: 0 for name in self.blocks}
-        pending: dict[str, tuple[int, Tensor]] = {}
+        pending: dict[str, int] = {}
+        unread: dict[tuple[str, int], Tensor] = {}  # outputs until the next block of the chain takes them
 
         def pre(name):
             def hook(module, args, kwargs):
-                pending[name] = (len(order), hidden_of(args, kwargs))
-                order.append((name, count[name]))
+                call, before = count[name], self.previous.get(name)
+                if before is not None:
+                    out, inp = unread.pop((before, call), None), hidden_of(args, kwargs)
+                    if out is None or not (out is inp or (out.shape == inp.shape and torch.equal(out, inp))):
+                        raise RuntimeError(f"cached scoring: the input of {name!r} is not the output of {before!r}")
+                pending[name] = len(order)
+                order.append((name, call))
             return hook
 
         def post(name):
             def hook(module, args, kwargs, output):
-                position, hidden = pending.pop(name)
-                self.records[(name, count[name])] = _Record(
-                    position, hidden, hidden._version, output, output_hidden(output)._version)
+                key, hidden = (name, count[name]), output_hidden(output)
+                unread[key] = hidden
+                self.records[key] = _Record(pending.pop(name), with_hidden(output, None), version=hidden._version)
                 count[name] += 1
             return hook
 
@@ -127,23 +156,27 @@ class BlockCache:
         if len(set(count.values())) != 1 or not order:
             raise RuntimeError(f"cached scoring needs every block to run equally often per forward; got {count}")
         self.n_calls = count[order[0][0]]
-        for c in range(self.n_calls):
-            for names in self.chains.values():
-                for before, after in zip(names, names[1:]):
-                    out, inp = output_hidden(self.records[(before, c)].output), self.records[(after, c)].input
-                    if not (out is inp or (out.shape == inp.shape and torch.equal(out, inp))):
-                        raise RuntimeError(f"cached scoring: the input of {after!r} is not the output of {before!r}")
-        self.loss = loss
+        last = len(order) - 1
+        for key, hidden in unread.items():  # each tower's last outputs: kept if code after them may be skipped
+            record = self.records[key]
+            if record.order < last:  # its version as the block returned it: later in-place writes are caught
+                record.hidden = hidden
+        self.loss, self._run = loss, run
         return loss
 
-    def _checked(self, key: tuple[str, int]) -> _Record:
-        record = self.records[key]
-        if output_hidden(record.output)._version != record.output_version or record.input._version != record.input_version:
-            raise RuntimeError(f"cached scoring: the forward modified the recorded tensors of {key[0]!r} in place")
-        return record
+    def begin(self, start: str) -> int:
+        """Position, in the clean forward, of the first call of block ``start``."""
+        if (start, 0) not in self.records:
+            raise RuntimeError("capture() must run before start_at()")
+        return self.records[(start, 0)].order
+
+    def held(self) -> int:
+        """How many block outputs the cache holds now."""
+        return sum(record.hidden is not None for record in self.records.values())
 
     def _read_later(self, key: tuple[str, int], begin: int) -> bool:
-        """Whether code that still runs reads this call's output when the forward starts at ``begin``."""
+        """Whether code that still runs reads this call's output when the forward starts at ``begin``
+        (false for every later ``begin`` once false)."""
         name, call = key
         tower = self.chains[self.tower_of[name]]
         following = tower[tower.index(name) + 1:]
@@ -151,19 +184,61 @@ class BlockCache:
             return True
         return self.records[(following[0], call)].order >= begin
 
+    def _prepare(self, begin: int) -> list[tuple[str, int]]:
+        """Compute again the outputs a forward from ``begin`` reads and the cache no longer holds; drop
+        those no forward from ``begin`` or later reads. Returns the calls that ran before ``begin``."""
+        skipped = sorted((key for key, r in self.records.items() if r.order < begin), key=lambda k: self.records[k].order)
+        for key in skipped:
+            if self._read_later(key, begin) and self.records[key].hidden is None:
+                missing, name = [], key[0]
+                while name is not None and self.records[(name, key[1])].hidden is None:
+                    missing.append((name, key[1]))
+                    name = self.previous.get(name)
+                for each in reversed(missing):  # from the earliest: each one reads the one before
+                    self._recompute(each)
+        for key in skipped:
+            if not self._read_later(key, begin):
+                self.records[key].hidden = None
+        return skipped
+
+    def _recompute(self, key: tuple[str, int]) -> None:
+        """A clean forward from block ``key[0]`` that stops once call ``key[1]`` of it has returned."""
+        name, call = key
+        calls = [0]
+
+        def hook(module, args, kwargs, output):
+            if calls[0] == call:
+                hidden = output_hidden(output)
+                self.records[key].hidden, self.records[key].version = hidden, hidden._version
+                raise _Stop
+            calls[0] += 1
+
+        handle = self.blocks[name].register_forward_hook(hook, with_kwargs=True)
+        try:
+            with self.start_at(name):
+                self._run()
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if self.records[key].hidden is None:
+            raise RuntimeError(f"cached scoring: a forward from {name!r} never returned from its call {call}")
+
     @contextlib.contextmanager
     def start_at(self, start: str) -> Iterator[None]:
         """Within the context, block calls that ran before the first call of ``start`` return cached
         outputs without work; every later call runs for real."""
-        if (start, 0) not in self.records:
-            raise RuntimeError("capture() must run before start_at()")
-        begin = self.records[(start, 0)].order
+        begin = self.begin(start)
         stubs: dict[str, list[Callable | None]] = {}
-        for (name, call), record in self.records.items():
-            if record.order < begin:
-                record = self._checked((name, call))
-                stub = _cached_output(record.output) if self._read_later((name, call), begin) else _pass_through(record.output)
-                stubs.setdefault(name, [None] * self.n_calls)[call] = stub
+        for key in self._prepare(begin):
+            record = self.records[key]
+            if record.hidden is None:
+                stub = _pass_through(record.shell)
+            elif record.hidden._version != record.version:
+                raise RuntimeError(f"cached scoring: the forward modified the recorded output of {key[0]!r} in place")
+            else:
+                stub = _cached_output(with_hidden(record.shell, record.hidden))
+            stubs.setdefault(key[0], [None] * self.n_calls)[key[1]] = stub
         try:
             for name, per_call in stubs.items():
                 self.blocks[name].forward = _by_call(self.blocks[name].forward, per_call)
@@ -201,7 +276,7 @@ def _cached_output(output: Any) -> Callable:
     return forward
 
 
-def _pass_through(output: Any) -> Callable:
+def _pass_through(shell: Any) -> Callable:
     def forward(*args, **kwargs):
-        return with_hidden(output, hidden_of(args, kwargs))
+        return with_hidden(shell, hidden_of(args, kwargs))
     return forward

@@ -125,12 +125,15 @@ def zeroth_order(
 
         blocks: group name -> its block module, to run each perturbed forward
             from the perturbed block on (:mod:`vlmprune.scorers.block_cache`):
-            per batch, one clean forward records every block's input and
-            output; a perturbation of group k then skips the blocks that ran
-            before it. Same estimator, same directions, same numbers to
+            per batch, one clean forward records the order the blocks run
+            in; a perturbation of group k then skips the blocks that ran
+            before it, block k - 1 answering with its clean output. Same estimator, same directions, same numbers to
             rounding; the cost of a perturbed forward falls from all L blocks
-            of a chain to blocks k..L-1 (about half on average). Extra memory:
-            the hidden states of one batch at every block.
+            of a chain to blocks k..L-1 (about half on average), plus one
+            evaluation of block k - 1 to get block k's clean input again.
+            Extra memory: one hidden state of one batch per tower (the clean
+            input of the block being perturbed), plus the last output of each
+            tower that a later tower reads.
         towers: tower name -> its group names in order (one chain per tower);
             default: all of ``blocks`` as one chain.
         difference: "central" (the reference, 2 forwards per unit per batch)
@@ -208,13 +211,18 @@ def zeroth_order(
             chains = towers or {"all": list(blocks)}
             for b, batch in enumerate(batches):
                 cache = BlockCache(blocks, chains)
-                reseed(derived_seed(seed, "clean", b))
-                clean = cache.capture(lambda: loss_fn(model, batch))
+
+                def clean_forward(batch=batch, b=b):
+                    reseed(derived_seed(seed, "clean", b))
+                    return loss_fn(model, batch)
+
+                clean = cache.capture(clean_forward)
                 counts["forwards"] += 1
                 if b == 0:
                     cache.verify(lambda: loss_fn(model, batch))
                     counts["forwards"] += len(chains)
-                for unit, members in units:
+                # in the order the blocks run, so each block's clean input is computed from the last one's
+                for unit, members in sorted(units, key=lambda u: cache.begin(u[1][0].group)):
                     with hold(members[0].group), cache.start_at(members[0].group):
                         originals = [m.weight.detach().clone() for m in members]
                         try:
