@@ -14,7 +14,7 @@ stay the same in every draw. The script then summarises each method over the dra
     python -m benchmarks.search_draws --sparsity 0.7 --size 64 --draws 1 2 3 4 5 --penalties 1 0.1 0 \
         --rounds 5 --population 8 --objective probability
 
-Each draw's full table goes to ``<out>/search_draws/draw_<d>/``; the summary to
+Each draw's full table (and its rows, ``rows.json``) goes to ``<out>/search_draws/draw_<d>/``; the summary to
 ``<out>/search_draws.md``. A draw must differ from ``calibration.seed`` (the params refuse it otherwise).
 """
 
