@@ -194,6 +194,9 @@ class ScoringParams(Section):
                                                  "block on, the earlier blocks answering from a clean forward")
     checkpointing: bool = Field(True, description="first_order: activation checkpointing (recompute each block's "
                                                   "activations in the backward pass instead of storing them)")
+    norm: Literal["l1", "l2"] = Field(
+        "l1", description="first_order, variant grad: sum over batches of each tensor's gradient L1 norm (the "
+                          "reference's GradOnly) or L2 norm (what zeroth-order scores track, without their noise)")
     difference: Literal["central", "forward"] = Field(
         "central", description="zeroth_order: central (2 forwards per block, the reference) or forward "
                                "(1 forward per block, reuses the clean loss; needs cache_inputs)")
@@ -216,6 +219,9 @@ class ScoringParams(Section):
         if self.method == "zeroth_order" and self.difference == "forward" and not self.cache_inputs:
             raise ValueError("scoring.difference 'forward' needs scoring.cache_inputs: true (it reuses the clean "
                              "loss of the cached forward)")
+        if self.method == "first_order" and self.norm != "l1" and self.variant != "grad":
+            raise ValueError(f"scoring.norm {self.norm!r} applies to scoring.variant 'grad' only (variant is "
+                             f"{self.variant!r}); remove scoring.norm or set the variant to grad")
         return self
 
 

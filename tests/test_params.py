@@ -72,3 +72,14 @@ def test_forward_differences_need_the_block_cache_only_for_zeroth_order_scores()
     for method in ("none", "first_order"):  # the setting is unused there: a sweep may switch the method alone
         raw = {"scoring": {"method": method, "difference": "forward"}, "allocation": {"method": "uniform"}}
         assert validate(raw).scoring.difference == "forward"
+
+
+def test_first_order_gradient_norm_reaches_the_scorer_and_applies_to_the_grad_variant_only():
+    from tasks.score import _scorer_options
+
+    params = validate({"scoring": {"method": "first_order", "norm": "l2"}})
+    assert _scorer_options(params, None, None) == {"checkpointing": True, "norm": "l2"}
+    with pytest.raises(ParamsError, match="scoring.norm 'l2' applies to scoring.variant 'grad' only"):
+        validate({"scoring": {"method": "first_order", "norm": "l2", "variant": "weight_grad"}})
+    with pytest.raises(ParamsError, match="scoring.norm"):
+        validate({"scoring": {"norm": "l3"}})
