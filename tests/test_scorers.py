@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlmprune.scorers import SCORERS, VARIANTS, ScoreResult
+from vlmprune.scorers.block_cache import BlockCache
 
 zeroth_order = SCORERS.get("zeroth_order")
 first_order = SCORERS.get("first_order")
@@ -439,8 +440,6 @@ def test_cached_blocks_give_the_same_scores_with_fewer_block_calls(granularity, 
 
 
 def test_block_cache_holds_one_hidden_state_per_chain_and_reproduces_the_clean_loss_from_every_block():
-    from vlmprune.scorers.block_cache import BlockCache
-
     model = llama(factors=(3.0, 1.0, 0.3))
     blocks, batch = llama_blocks(model), llama_batches(1)[0]
     cache = BlockCache(blocks, {"lm": list(blocks)})
@@ -493,8 +492,6 @@ def test_cached_blocks_across_two_towers_and_broken_chains():
     for name, value in full.layer_scores.items():
         assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
     # the first tower's last output stays held for the second tower, beside one state per chain
-    from vlmprune.scorers.block_cache import BlockCache
-
     cache = BlockCache(blocks, towers)
     with torch.no_grad():
         clean = cache.capture(lambda: mlp_loss(model, batches[0]))

@@ -188,17 +188,16 @@ class BlockCache:
         """Compute again the outputs a forward from ``begin`` reads and the cache no longer holds; drop
         those no forward from ``begin`` or later reads. Returns the calls that ran before ``begin``."""
         skipped = sorted((key for key, r in self.records.items() if r.order < begin), key=lambda k: self.records[k].order)
-        for key in skipped:
-            if self._read_later(key, begin) and self.records[key].hidden is None:
-                missing, name = [], key[0]
-                while name is not None and self.records[(name, key[1])].hidden is None:
-                    missing.append((name, key[1]))
-                    name = self.previous.get(name)
-                for each in reversed(missing):  # from the earliest: each one reads the one before
-                    self._recompute(each)
-        for key in skipped:
-            if not self._read_later(key, begin):
-                self.records[key].hidden = None
+        read = [key for key in skipped if self._read_later(key, begin)]
+        for key in read:
+            missing, name = [], key[0]
+            while name is not None and self.records[(name, key[1])].hidden is None:
+                missing.append((name, key[1]))
+                name = self.previous.get(name)
+            for each in reversed(missing):  # from the earliest: each one reads the one before
+                self._recompute(each)
+        for key in set(skipped) - set(read):
+            self.records[key].hidden = None
         return skipped
 
     def _recompute(self, key: tuple[str, int]) -> None:
