@@ -194,9 +194,11 @@ class ScoringParams(Section):
                                                  "block on, the earlier blocks answering from a clean forward")
     checkpointing: bool = Field(True, description="first_order: activation checkpointing (recompute each block's "
                                                   "activations in the backward pass instead of storing them)")
-    norm: Literal["l1", "l2"] = Field(
+    norm: Literal["l1", "l2", "l2_group"] = Field(
         "l1", description="first_order, variant grad: sum over batches of each tensor's gradient L1 norm (the "
-                          "reference's GradOnly) or L2 norm (what zeroth-order scores track, without their noise)")
+                          "reference's GradOnly), of its L2 norm (what zeroth-order scores at tensor granularity "
+                          "track, without their noise), or of the L2 norm of the whole group's gradient (l2_group: "
+                          "what they track at group granularity, the default)")
     difference: Literal["central", "forward"] = Field(
         "central", description="zeroth_order: central (2 forwards per block, the reference) or forward "
                                "(1 forward per block, reuses the clean loss; needs cache_inputs)")

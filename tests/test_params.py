@@ -79,6 +79,8 @@ def test_first_order_gradient_norm_reaches_the_scorer_and_applies_to_the_grad_va
 
     params = validate({"scoring": {"method": "first_order", "norm": "l2"}})
     assert _scorer_options(params, None, None) == {"checkpointing": True, "norm": "l2"}
+    params = validate({"scoring": {"method": "first_order", "norm": "l2_group"}})
+    assert _scorer_options(params, None, None) == {"checkpointing": True, "norm": "l2_group"}
     with pytest.raises(ParamsError, match="scoring.norm 'l2' applies to scoring.variant 'grad' only"):
         validate({"scoring": {"method": "first_order", "norm": "l2", "variant": "weight_grad"}})
     with pytest.raises(ParamsError, match="scoring.norm"):

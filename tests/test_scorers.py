@@ -142,6 +142,7 @@ def test_dominant_block_ranks_first_for_every_scorer():
         "zo-tensor": zeroth_order(model, groups, mlp_loss, batches, granularity="tensor", n_directions=4),
         "fo-l1": first_order(model, groups, mlp_loss, batches),
         "fo-l2": first_order(model, groups, mlp_loss, batches, norm="l2"),
+        "fo-l2-group": first_order(model, groups, mlp_loss, batches, norm="l2_group"),
     }
     for name, result in results.items():
         assert ranking(result.group_scores)[0] == "block2", name
@@ -151,22 +152,31 @@ def test_dominant_block_ranks_first_for_every_scorer():
 
 
 @pytest.mark.parametrize(
-    "variant,norm", [("grad", "l1"), ("grad", "l2"), ("weight_grad", "l1"), ("weight_grad_sq", "l1")]
+    "variant,norm",
+    [("grad", "l1"), ("grad", "l2"), ("grad", "l2_group"), ("weight_grad", "l1"), ("weight_grad_sq", "l1")],
 )
 def test_first_order_matches_hand_gradients(variant, norm):
     model = llama()
     groups, batches = llama_groups(model), llama_batches()
     truth = hand_gradients(model, groups, llama_loss, batches)
     weights = {n: m.weight.detach() for members in groups.values() for n, m in members.items()}
+    group_of = {n: g for g, members in groups.items() for n in members}
 
-    def per_batch(w, g):
+    def per_batch(name, t):
+        w, g = weights[name], t[name]
+        if variant == "grad" and norm == "l2_group":  # the layer's share of its group's norm
+            group_norm = math.sqrt(sum(float(t[n].square().sum()) for n in groups[group_of[name]]))
+            return float(g.square().sum()) / group_norm
         if variant == "grad":
             return g.abs().sum() if norm == "l1" else g.norm()
         if variant == "weight_grad":
             return (w * g).abs().sum()
         return (w * g).square().sum()
 
-    expected = {n: sum(float(per_batch(weights[n], t[n])) for t in truth) for n in weights}
+    expected = {n: sum(float(per_batch(n, t)) for t in truth) for n in weights}
+    if norm == "l2_group":  # the group score is sum_b ||g_gb||, computed here without the layer split
+        assert group_l2(groups, truth) == pytest.approx(
+            {g: sum(expected[n] for n in members) for g, members in groups.items()}, rel=1e-9)
     result = first_order(model, groups, llama_loss, batches, variant=variant, norm=norm)
     assert set(result.layer_scores) == set(expected)
     for name, value in expected.items():
@@ -237,6 +247,23 @@ def test_zeroth_order_tensor_estimate_matches_gradient_norms():
         std = math.sqrt((1 - 2 / math.pi) / k * sum(s * s for s in sigmas))
         assert abs(result.layer_scores[name] - mean) <= 4 * std, (name, result.layer_scores[name], mean, std)
     assert result.forward_passes == 2 * k * len(truth[0]) * len(batches)
+
+
+def test_zeroth_order_group_estimate_matches_first_order_group_norms():
+    """Group granularity: d_gbk = g_gb . z ~ N(0, ||g_gb||^2), so E[S_g] = sqrt(2/pi) sum_b ||g_gb||,
+    sqrt(2/pi) times first-order ``l2_group``, with Var[S_g] = (1 - 2/pi) / K sum_b ||g_gb||^2 (as for
+    one tensor above). 4 standard deviations allowed."""
+    model = mlp().double()
+    groups, batches = mlp_groups(model), mlp_batches(2, torch.float64)
+    k = 300
+    truth = hand_gradients(model, groups, mlp_loss, batches)
+    exact = first_order(model, groups, mlp_loss, batches, norm="l2_group").group_scores
+    estimate = zeroth_order(model, groups, mlp_loss, batches, granularity="group", n_directions=k).group_scores
+    for group, members in groups.items():
+        norms = [math.sqrt(sum(float(t[n].square().sum()) for n in members)) for t in truth]
+        assert exact[group] == pytest.approx(sum(norms), rel=1e-9)
+        std = math.sqrt((1 - 2 / math.pi) / k * sum(v * v for v in norms))
+        assert abs(estimate[group] - math.sqrt(2 / math.pi) * exact[group]) <= 4 * std, group
 
 
 def test_group_granularity_ranks_llama_blocks_like_the_reference():

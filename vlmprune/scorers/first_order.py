@@ -13,6 +13,7 @@ from .base import (
     SCORERS,
     accumulation_dtype,
     LossFn,
+    ScoredLayer,
     ScoreResult,
     check_batches,
     check_variant,
@@ -24,7 +25,7 @@ from .base import (
     progress_bar,
 )
 
-NORMS = ("l1", "l2")
+NORMS = ("l1", "l2", "l2_group")
 
 
 @SCORERS.register("first_order")
@@ -48,7 +49,13 @@ def first_order(
 
     - ``grad``, ``norm="l1"`` (default): s_l = sum_b sum |g_lb|, the reference's
       "GradOnly" score (an L1 norm); ``norm="l2"``: s_l = sum_b ||g_lb||_2, the
-      quantity the zeroth-order scores track (up to sqrt(2/pi));
+      quantity the zeroth-order scores at tensor granularity track (up to
+      sqrt(2/pi)); ``norm="l2_group"``: S_g = sum_b ||g_gb||_2 with g_gb the
+      whole group's gradient (all its prunable tensors concatenated), the
+      quantity the zeroth-order scores at group granularity (the default)
+      track, up to sqrt(2/pi). Its layer scores split each batch's group norm
+      by squared-norm share, s_l = sum_b ||g_lb||_2^2 / ||g_gb||_2, so they
+      sum to S_g;
     - ``weight_grad``: s_l = sum_b sum |W_l * g_lb|;
     - ``weight_grad_sq``: s_l = sum_b sum (W_l * g_lb)^2.
 
@@ -71,7 +78,7 @@ def first_order(
     backward pass remain the main extra cost over a forward pass.
 
     Options:
-        norm: "l1" or "l2", for the ``grad`` variant.
+        norm: "l1", "l2" or "l2_group", for the ``grad`` variant.
         checkpointing: if True and the model is a Hugging Face model (it has
             ``gradient_checkpointing_enable``), turn activation (gradient)
             checkpointing on for the duration and off again afterwards:
@@ -97,10 +104,11 @@ def first_order(
     layers = collect_layers(model, groups)
     weights = [layer.weight for layer in layers]
     reduce = _reducer(variant, norm)
-    totals = {
+    batch_values = {  # each layer's scalar for the batch in progress, written by its gradient hook
         layer.name: torch.zeros((), dtype=accumulation_dtype(layer.weight.device), device=layer.weight.device)
         for layer in layers
     }
+    totals = {name: torch.zeros_like(value) for name, value in batch_values.items()}
     saved_grads = [(w, w.grad) for w in weights]
     handles = []
     forwards = backwards = 0
@@ -117,7 +125,7 @@ def first_order(
             for w in weights:
                 w.grad = None
             for layer in layers:  # a hook needs requires_grad=True when it is registered
-                handles.append(layer.weight.register_post_accumulate_grad_hook(_hook(reduce, totals, layer.name)))
+                handles.append(layer.weight.register_post_accumulate_grad_hook(_hook(reduce, batch_values, layer.name)))
             for b, batch in enumerate(batches):
                 loss = loss_fn(model, batch)
                 forwards += 1
@@ -127,6 +135,7 @@ def first_order(
                         "(was it computed under torch.no_grad() or detached?)"
                     )
                 loss.backward()
+                _add_batch(totals, batch_values, layers, norm)
                 backwards += 1
                 forwards += recomputes
                 bar.update(1)
@@ -142,6 +151,8 @@ def first_order(
 
 def _reducer(variant: str, norm: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The per-batch scalar of one tensor, from its weight and gradient, in float64 (float32 on MPS)."""
+    if variant == "grad" and norm == "l2_group":  # squared: the group's norm is taken once all its layers are in
+        return lambda w, g: torch.linalg.vector_norm(g, 2, dtype=accumulation_dtype(g.device)).square()
     if variant == "grad":
         order = 1 if norm == "l1" else 2
         return lambda w, g: torch.linalg.vector_norm(g, order, dtype=accumulation_dtype(g.device))
@@ -150,14 +161,36 @@ def _reducer(variant: str, norm: str) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda w, g: torch.linalg.vector_norm(w * g, 2, dtype=accumulation_dtype(g.device)).square()
 
 
-def _hook(reduce: Callable[[Tensor, Tensor], Tensor], totals: dict[str, Tensor], name: str):
+def _hook(reduce: Callable[[Tensor, Tensor], Tensor], batch_values: dict[str, Tensor], name: str):
     def on_accumulated(param: nn.Parameter) -> None:
         if param.grad is not None:
             with torch.no_grad():
-                totals[name] += reduce(param.detach(), param.grad)
+                batch_values[name] += reduce(param.detach(), param.grad)
         param.grad = None
 
     return on_accumulated
+
+
+def _add_batch(totals: dict[str, Tensor], batch_values: dict[str, Tensor], layers: list[ScoredLayer], norm: str) -> None:
+    """Add one batch's layer scalars to the totals and zero them for the next batch (on device, no sync).
+
+    ``l2_group``: the scalars are squared norms ||g_lb||^2; layer l gets
+    ||g_lb||^2 / ||g_gb|| with ||g_gb||^2 the sum over its group, so the
+    group's layers add up to ||g_gb|| (0 for a group whose gradient is 0).
+    """
+    if norm == "l2_group":
+        group_norm: dict[str, Tensor] = {}
+        for layer in layers:
+            group_norm[layer.group] = group_norm.get(layer.group, 0) + batch_values[layer.name]
+        group_norm = {group: value.sqrt() for group, value in group_norm.items()}
+        for layer in layers:
+            norm_g = group_norm[layer.group]
+            totals[layer.name] += torch.where(norm_g > 0, batch_values[layer.name] / norm_g, 0.0)
+    else:
+        for name, value in batch_values.items():
+            totals[name] += value
+    for value in batch_values.values():
+        value.zero_()
 
 
 @contextlib.contextmanager

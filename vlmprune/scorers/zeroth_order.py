@@ -93,9 +93,10 @@ def zeroth_order(
       of the whole group's gradient, which is at most the tensor sum and at
       least 1/sqrt(n_tensors) of it.
 
-    Both rank groups by gradient size; they are not the same number, and
-    neither equals the first-order ``grad`` score (an L1 norm, see
-    ``first_order``). The relative standard deviation of one |g . z| is
+    Both rank groups by gradient size; they are not the same number. Their
+    noise-free values are the first-order ``grad`` scores with
+    ``norm="l2"`` (tensor) and ``norm="l2_group"`` (group), up to
+    sqrt(2/pi); the first-order default is an L1 norm (see ``first_order``). The relative standard deviation of one |g . z| is
     sqrt((pi - 2) / 2) ~= 0.76; averaging K directions divides it by sqrt(K).
     Cost: 2 forwards per unit per batch per direction, so 2 * K * groups *
     batches (group) against 2 * K * tensors * batches (tensor, the reference:
