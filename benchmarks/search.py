@@ -97,6 +97,7 @@ class Options:
         return (f"python -m benchmarks.search --sparsity {self.sparsity} --sizes {' '.join(map(str, self.sizes))} "
                 f"--rounds {self.rounds} --population {self.population} --granularity {self.granularity} "
                 f"--calibration-samples {self.calibration_samples} --objective {self.objective}{penalties}"
+                f"{f' --seed {self.seed}' if self.seed else ''}"
                 f"{extra}{' --trial' if self.trial else ''}")
 
 

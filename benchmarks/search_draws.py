@@ -16,12 +16,18 @@ stay the same in every draw. The script then summarises each method over the dra
 
 Each draw's full table (and its rows, ``rows.json``) goes to ``<out>/search_draws/draw_<d>/``; the summary to
 ``<out>/search_draws.md``. A draw must differ from ``calibration.seed`` (the params refuse it otherwise).
+
+``--add DIR ...`` puts the draws of earlier runs (their ``draw_<d>`` folders) into the summary beside the
+new ones, so that more draws can be added later without running the old ones again; ``--draws`` may then
+be empty. Every draw must have run the same search: the ``Command:`` lines of the draws' tables must be
+equal once the draw's own seeds are taken out, and no draw number may come twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -72,11 +78,36 @@ def paired_gaps(draws: dict[int, list[dict]]) -> list[dict]:
     return out
 
 
+def earlier_draws(folders: list[Path]) -> dict[int, list[dict]]:
+    """The rows of earlier draws, by draw number, from their ``draw_<d>`` folders (``rows.json`` and the
+    table whose ``Command:`` line says what ran). Refuses a folder without them, a draw number that comes
+    twice, and draws that ran different searches: their commands, without the draw's seeds
+    (``-S allocation.search.sample_seed=d``, ``--seed d``), must be equal."""
+    draws: dict[int, list[dict]] = {}
+    commands: dict[str, list[int]] = {}
+    for folder in folders:
+        match = re.fullmatch(r"draw_(\d+)", folder.name)
+        tables = sorted(folder.glob("search_*.md"))
+        if not match or not (folder / "rows.json").exists() or len(tables) != 1:
+            raise SystemExit(f"--add {folder}: not a draw folder (draw_<d> with rows.json and one search_*.md table)")
+        draw = int(match.group(1))
+        if draw in draws:
+            raise SystemExit(f"--add: draw {draw} comes twice")
+        line = next((ln for ln in tables[0].read_text().splitlines() if ln.startswith("Command: ")), "")
+        command = re.sub(r" -S allocation\.search\.sample_seed=\d+| --seed \d+", "", line)
+        commands.setdefault(command, []).append(draw)
+        draws[draw] = json.loads((folder / "rows.json").read_text())
+    if len(commands) > 1:
+        listed = "\n".join(f"  draws {sorted(d)}: {c}" for c, d in commands.items())
+        raise SystemExit(f"--add: the draws ran different searches:\n{listed}")
+    return draws
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--size", type=int, default=64, help="search samples")
-    parser.add_argument("--draws", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--draws", type=int, nargs="*", default=[1, 2, 3, 4, 5])
     parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.1, 0.0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--population", type=int, default=8)
@@ -86,12 +117,18 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--add", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="draw_<d> folders of earlier runs to summarise with the new draws")
     args = parser.parse_args()
 
     from benchmarks.common import machine, markdown_table, shell_command
     from benchmarks.search import Options, run
 
-    draws = {}
+    if not args.draws and not args.add:
+        raise SystemExit("nothing to summarise: give --draws, --add or both")
+    draws = earlier_draws(args.add)
+    if overlap := sorted(set(draws) & set(args.draws)):
+        raise SystemExit(f"--draws {overlap} are already in the --add folders")
     for draw in args.draws:
         options = Options(sparsity=args.sparsity, sizes=[args.size], rounds=args.rounds, population=args.population,
                           granularity=args.granularity, calibration_samples=args.calibration_samples, seed=draw,
@@ -101,12 +138,15 @@ def main() -> None:
                           out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties)
         draws[draw] = run(options)
         (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
-    options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out")}
+    options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add")}
     command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)
-    text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(args.draws)} draws of "
-            f"them (allocation.search.sample_seed = {', '.join(map(str, args.draws))}); held-out set, calibration "
+    command += f" --add {' '.join(map(str, args.add))}" if args.add else ""
+    numbers = sorted(draws)
+    text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(numbers)} draws of "
+            f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
-            f"whose held-out accuracy is above ECoFLaP's. Per-draw tables: `search_draws/draw_<d>/`.\n"
+            f"whose held-out accuracy is above ECoFLaP's. Per-draw tables: `search_draws/draw_<d>/`"
+            f"{' and the --add folders' if args.add else ''}.\n"
             f"Machine: {machine()}.\nCommand: {command}\n\n"
             f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n\n"
             f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"

@@ -4,6 +4,7 @@ between markers, the profiles file, and one tiny end-to-end run of the Prefect f
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import sys
 
@@ -637,3 +638,29 @@ def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_d
     assert row["gap diff mean"] == pytest.approx((-0.03 + 0 + 0.01) / 3)
     assert row["gap diff se"] == pytest.approx(statistics.stdev([-0.03, 0.0, 0.01]) / 3 ** 0.5)
     assert (row["smaller"], row["equal"], row["larger"]) == (1, 1, 1)
+
+
+def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
+    from benchmarks.search_draws import earlier_draws
+
+    command = "Command: python -m benchmarks.search --sparsity 0.7 --sizes 64 --penalties 0.1 0"
+
+    def draw_folder(root, draw, line):
+        folder = tmp_path / root / f"draw_{draw}"
+        folder.mkdir(parents=True)
+        (folder / "rows.json").write_text(json.dumps([{"method": "ecoflap (zeroth)", "gap": draw / 100}]))
+        (folder / "search_probability.md").write_text(f"table\n\n{line}\n")
+        return folder
+
+    old = draw_folder("old", 1, f"{command} -S allocation.search.sample_seed=1")
+    new = draw_folder("new", 2, f"{command} --seed 2 -S allocation.search.sample_seed=2")
+    draws = earlier_draws([old, new])
+    assert sorted(draws) == [1, 2] and draws[2][0]["gap"] == 0.02
+
+    other = draw_folder("other", 3, f"{command.replace('0.7', '0.6')} -S allocation.search.sample_seed=3")
+    with pytest.raises(SystemExit, match=r"different searches(.|\n)*draws \[3\]"):
+        earlier_draws([old, other])
+    with pytest.raises(SystemExit, match="draw 1 comes twice"):
+        earlier_draws([old, draw_folder("again", 1, command)])
+    with pytest.raises(SystemExit, match="not a draw folder"):
+        earlier_draws([tmp_path / "old"])
