@@ -466,6 +466,27 @@ def test_cached_blocks_give_the_same_scores_with_fewer_block_calls(granularity, 
     assert cached.forward_passes == full.forward_passes + 2 + 1
 
 
+def test_cached_scoring_reseeds_its_check_and_refuses_dropout():
+    # randomness outside the blocks (noise the loss draws): the check from the last block re-seeds like
+    # the clean forward, so it passes, with the uncached scores; dropout inside the blocks cannot pass,
+    # since the skipped blocks draw no random numbers, and the error says so
+    def noisy_loss(model, batch):
+        return llama_loss(model, batch) + 0.01 * torch.randn(())
+
+    model = llama()
+    groups, batches, blocks = llama_groups(model), llama_batches(), llama_blocks(model)
+    for names in (["layer2"], list(blocks)):  # layer2 alone: no block output to compute again before the check
+        chosen = {name: groups[name] for name in names}
+        cached = zeroth_order(model, chosen, noisy_loss, batches, blocks={name: blocks[name] for name in names})
+        full = zeroth_order(model, chosen, noisy_loss, batches)
+        assert cached.group_scores == pytest.approx(full.group_scores, rel=1e-4)
+    model.train()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    with pytest.raises(RuntimeError, match="cache_inputs: false .*dropout in train mode"):
+        zeroth_order(model, groups, llama_loss, batches, blocks=blocks, eval_mode=False)
+
+
 def test_block_cache_holds_one_hidden_state_per_chain_and_reproduces_the_clean_loss_from_every_block():
     model = llama(factors=(3.0, 1.0, 0.3))
     blocks, batch = llama_blocks(model), llama_batches(1)[0]

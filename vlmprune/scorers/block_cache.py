@@ -248,13 +248,20 @@ class BlockCache:
 
     @torch.no_grad()
     def verify(self, run: Callable[[], Tensor], rtol: float = 1e-5) -> None:
-        """Check, for each tower's last block, that a from-block forward reproduces the clean loss."""
+        """Check, for each tower's last block, that a from-block forward reproduces the clean loss.
+
+        ``run`` should draw the same randomness as the recorded forward (re-seed as it did); even then,
+        randomness inside the blocks (dropout in train mode) fails the check, as it should: the blocks
+        skipped draw no random numbers, so the later ones draw different ones than in the clean forward.
+        """
         for names in self.chains.values():
             with self.start_at(names[-1]):
                 value = float(run())
             if abs(value - self.loss) > rtol * max(1.0, abs(self.loss)):
                 raise RuntimeError(f"cached scoring: starting at {names[-1]!r} gives loss {value!r}, the full "
-                                   f"forward {self.loss!r}; this model needs scoring.cache_inputs: false")
+                                   f"forward {self.loss!r}; this model needs scoring.cache_inputs: false (so does "
+                                   f"randomness in the forward, such as dropout in train mode: skipped blocks "
+                                   f"draw no random numbers, so later blocks draw different ones)")
 
 
 def _by_call(real: Callable, per_call: list[Callable | None]) -> Callable:

@@ -171,7 +171,9 @@ def _hook(reduce: Callable[[Tensor, Tensor], Tensor], batch_values: dict[str, Te
     return on_accumulated
 
 
-def _add_batch(totals: dict[str, Tensor], batch_values: dict[str, Tensor], layers: list[ScoredLayer], norm: str) -> None:
+def _add_batch(
+    totals: dict[str, Tensor], batch_values: dict[str, Tensor], layers: list[ScoredLayer], norm: str
+) -> None:
     """Add one batch's layer scalars to the totals and zero them for the next batch (on device, no sync).
 
     ``l2_group``: the scalars are squared norms ||g_lb||^2; layer l gets

@@ -96,8 +96,9 @@ def zeroth_order(
     Both rank groups by gradient size; they are not the same number. Their
     noise-free values are the first-order ``grad`` scores with
     ``norm="l2"`` (tensor) and ``norm="l2_group"`` (group), up to
-    sqrt(2/pi); the first-order default is an L1 norm (see ``first_order``). The relative standard deviation of one |g . z| is
-    sqrt((pi - 2) / 2) ~= 0.76; averaging K directions divides it by sqrt(K).
+    sqrt(2/pi); the first-order default is an L1 norm (see ``first_order``).
+    The relative standard deviation of one |g . z| is sqrt((pi - 2) / 2)
+    ~= 0.76; averaging K directions divides it by sqrt(K).
     Cost: 2 forwards per unit per batch per direction, so 2 * K * groups *
     batches (group) against 2 * K * tensors * batches (tensor, the reference:
     hundreds of forwards for a large model).
@@ -220,7 +221,7 @@ def zeroth_order(
                 clean = cache.capture(clean_forward)
                 counts["forwards"] += 1
                 if b == 0:
-                    cache.verify(lambda: loss_fn(model, batch))
+                    cache.verify(clean_forward)  # the same randomness as the recorded forward
                     counts["forwards"] += len(chains)
                 # in the order the blocks run, so each block's clean input is computed from the last one's
                 for unit, members in sorted(units, key=lambda u: cache.begin(u[1][0].group)):
