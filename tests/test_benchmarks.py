@@ -609,6 +609,29 @@ def test_s_max_sweep_on_a_tiny_lm(tmp_path, small_threads):
     assert result["score s"] > 0 and result["dense"] > 0
 
 
+def test_s_max_sweep_passes_its_pruner_to_every_row(tmp_path, small_threads, monkeypatch):
+    import benchmarks.s_max as s_max
+    from tests.tiny import build_tiny_causal_lm, save_tiny
+
+    model = save_tiny(*build_tiny_causal_lm("llama"), tmp_path / "lm")
+    params = tiny_params(model, tmp_path / "unused", model={"family": "causal_lm"},
+                         data={"name": "wikipedia", "seq_len": 32, "eval_windows": 2}, tracking={"enabled": False})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    pruned_with = []
+    real = s_max.run_config
+
+    def spy(params_path, overrides, config, *args, **kwargs):
+        result = real(params_path, overrides, config, *args, **kwargs)
+        pruned_with.append(config.pruner)
+        return result
+
+    monkeypatch.setattr(s_max, "run_config", spy)
+    s_max.sweep(str(tmp_path / "params.yaml"), [(0.5, None)], "first_order",
+                ["calibration.n_samples=4", "calibration.batch_size=2", "scoring.n_samples=2",
+                 "scoring.batch_size=1"], pruning="sparsegpt")
+    assert pruned_with == ["sparsegpt", "sparsegpt"]  # uniform and ECoFLaP
+
+
 def test_search_draws_summarises_each_method_over_the_draws():
     from benchmarks.search_draws import summarize
 
