@@ -13,9 +13,9 @@ from vlmprune.scorers import SCORERS
 
 
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
-    """First-order: activation checkpointing and the gradient norm. Zeroth-order: the unit perturbed together (a group or one
-    tensor) and the directions per batch; the blocks of every tower, so perturbed forwards start at their
-    block; on an offloaded model, the perturbed group is held in place."""
+    """First-order: activation checkpointing and the gradient norm. Zeroth-order: the unit perturbed
+    together (a group or one tensor) and the directions per batch; the blocks of every tower, so perturbed
+    forwards start at their block; on an offloaded model, the perturbed group is held in place."""
     s = params.scoring
     if s.method == "first_order":
         return {"checkpointing": s.checkpointing, "norm": s.norm}

@@ -587,18 +587,26 @@ def test_spread_weight_sweep_rows(tmp_path, capsys, small_threads):
         assert n == 4 and float(accuracy) == pytest.approx(right / n, abs=5e-4) and 0 <= float(r[4]) <= 1
 
 
-def test_s_max_sweep_on_a_tiny_lm(tmp_path, small_threads):
-    from benchmarks.s_max import parse_run, sweep
+S_MAX_TINY_SIZES = ["calibration.n_samples=4", "calibration.batch_size=2", "scoring.n_samples=2",
+                    "scoring.batch_size=1"]
+
+
+def tiny_lm_params_file(tmp_path) -> str:
+    """A params file for a tiny LLaMA-style causal LM on Wikipedia windows, as the s_max sweeps read."""
     from tests.tiny import build_tiny_causal_lm, save_tiny
 
     model = save_tiny(*build_tiny_causal_lm("llama"), tmp_path / "lm")
     params = tiny_params(model, tmp_path / "unused", model={"family": "causal_lm"},
                          data={"name": "wikipedia", "seq_len": 32, "eval_windows": 2}, tracking={"enabled": False})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return str(tmp_path / "params.yaml")
+
+
+def test_s_max_sweep_on_a_tiny_lm(tmp_path, small_threads):
+    from benchmarks.s_max import parse_run, sweep
+
     assert parse_run("0.7:d") == (0.7, None) and parse_run("0.6:0.85") == (0.6, 0.85)
-    result = sweep(str(tmp_path / "params.yaml"), [(0.5, None), (0.5, 0.9)], "zeroth_order",
-                   ["calibration.n_samples=4", "calibration.batch_size=2", "scoring.n_samples=2",
-                    "scoring.batch_size=1"])
+    result = sweep(tiny_lm_params_file(tmp_path), [(0.5, None), (0.5, 0.9)], "zeroth_order", S_MAX_TINY_SIZES)
     rows = result["rows"]
     assert [(r["allocation"], r["s_max"]) for r in rows] == [("uniform", ""), ("ecoflap (zeroth)", "0.60 (default)"),
                                                              ("ecoflap (zeroth)", "0.90")]
@@ -611,12 +619,8 @@ def test_s_max_sweep_on_a_tiny_lm(tmp_path, small_threads):
 
 def test_s_max_sweep_passes_its_pruner_to_every_row(tmp_path, small_threads, monkeypatch):
     import benchmarks.s_max as s_max
-    from tests.tiny import build_tiny_causal_lm, save_tiny
 
-    model = save_tiny(*build_tiny_causal_lm("llama"), tmp_path / "lm")
-    params = tiny_params(model, tmp_path / "unused", model={"family": "causal_lm"},
-                         data={"name": "wikipedia", "seq_len": 32, "eval_windows": 2}, tracking={"enabled": False})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    params_file = tiny_lm_params_file(tmp_path)
     pruned_with = []
     real = s_max.run_config
 
@@ -626,9 +630,7 @@ def test_s_max_sweep_passes_its_pruner_to_every_row(tmp_path, small_threads, mon
         return result
 
     monkeypatch.setattr(s_max, "run_config", spy)
-    s_max.sweep(str(tmp_path / "params.yaml"), [(0.5, None)], "first_order",
-                ["calibration.n_samples=4", "calibration.batch_size=2", "scoring.n_samples=2",
-                 "scoring.batch_size=1"], pruning="sparsegpt")
+    s_max.sweep(params_file, [(0.5, None)], "first_order", S_MAX_TINY_SIZES, pruning="sparsegpt")
     assert pruned_with == ["sparsegpt", "sparsegpt"]  # uniform and ECoFLaP
 
 

@@ -114,12 +114,14 @@ def hand_gradients(model, groups, loss_fn, batches):
     return out
 
 
+def batch_group_norms(members, truth) -> list[float]:
+    """||g_gb||_2 per batch b: the L2 norm of the whole gradient of the group whose layers are ``members``."""
+    return [math.sqrt(sum(float(t[n].square().sum()) for n in members)) for t in truth]
+
+
 def group_l2(groups, truth) -> dict[str, float]:
     """sum_b ||g_gb||_2: the L2 norm of each group's whole gradient, summed over batches."""
-    return {
-        g: sum(math.sqrt(sum(float(t[n].square().sum()) for n in members)) for t in truth)
-        for g, members in groups.items()
-    }
+    return {g: sum(batch_group_norms(members, truth)) for g, members in groups.items()}
 
 
 def ranking(scores: dict[str, float]) -> list[str]:
@@ -165,7 +167,7 @@ def test_first_order_matches_hand_gradients(variant, norm):
     def per_batch(name, t):
         w, g = weights[name], t[name]
         if variant == "grad" and norm == "l2_group":  # the layer's share of its group's norm
-            group_norm = math.sqrt(sum(float(t[n].square().sum()) for n in groups[group_of[name]]))
+            (group_norm,) = batch_group_norms(groups[group_of[name]], [t])
             return float(g.square().sum()) / group_norm
         if variant == "grad":
             return g.abs().sum() if norm == "l1" else g.norm()
@@ -260,7 +262,7 @@ def test_zeroth_order_group_estimate_matches_first_order_group_norms():
     exact = first_order(model, groups, mlp_loss, batches, norm="l2_group").group_scores
     estimate = zeroth_order(model, groups, mlp_loss, batches, granularity="group", n_directions=k).group_scores
     for group, members in groups.items():
-        norms = [math.sqrt(sum(float(t[n].square().sum()) for n in members)) for t in truth]
+        norms = batch_group_norms(members, truth)
         assert exact[group] == pytest.approx(sum(norms), rel=1e-9)
         std = math.sqrt((1 - 2 / math.pi) / k * sum(v * v for v in norms))
         assert abs(estimate[group] - math.sqrt(2 / math.pi) * exact[group]) <= 4 * std, group

@@ -187,7 +187,8 @@ class BlockCache:
     def _prepare(self, begin: int) -> list[tuple[str, int]]:
         """Compute again the outputs a forward from ``begin`` reads and the cache no longer holds; drop
         those no forward from ``begin`` or later reads. Returns the calls that ran before ``begin``."""
-        skipped = sorted((key for key, r in self.records.items() if r.order < begin), key=lambda k: self.records[k].order)
+        skipped = sorted((key for key, r in self.records.items() if r.order < begin),
+                         key=lambda k: self.records[k].order)
         read = [key for key in skipped if self._read_later(key, begin)]
         for key in read:
             missing, name = [], key[0]
