@@ -198,7 +198,7 @@ class ScoringParams(Section):
         "l1", description="first_order, variant grad: sum over batches of each tensor's gradient L1 norm (the "
                           "reference's GradOnly), of its L2 norm (what zeroth-order scores at tensor granularity "
                           "track, without their noise), or of the L2 norm of the whole group's gradient (l2_group: "
-                          "what they track at group granularity, the default)")
+                          "what they track at group granularity, their default)")
     difference: Literal["central", "forward"] = Field(
         "central", description="zeroth_order: central (2 forwards per block, the reference) or forward "
                                "(1 forward per block, reuses the clean loss; needs cache_inputs)")
