@@ -341,9 +341,26 @@ def test_cached_zeroth_order_matches_full_forwards(name, family, saved):
     groups = {g.name: g.layers for g in model_layout(loaded.model, towers)}
     scorer = SCORERS.get("zeroth_order")
     full = scorer(loaded.model, groups, adapter.loss, batches)
+    # real work in the last tower while the first tower's weights are perturbed
+    first = [p for _, block in towers[0].groups for p in block.parameters()]
+    clean_first = [p.detach().clone() for p in first]
+    runs = {"while the first tower is perturbed": 0}
+
+    def count(module, args):
+        if any(not torch.equal(p, c) for p, c in zip(first, clean_first)):
+            runs["while the first tower is perturbed"] += 1
+
+    last_block = towers[-1].groups[0][1]
+    next(m for m in last_block.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(count)
     cached = scorer(loaded.model, groups, adapter.loss, batches,
                     blocks={n: m for t in towers for n, m in t.groups},
                     towers={t.name: [n for n, _ in t.groups] for t in towers})
     assert len({t.name for t in towers}) >= (1 if family in ("causal_lm", "bert") else 2)
     for group, value in full.group_scores.items():
         assert cached.group_scores[group] == pytest.approx(value, rel=1e-3), group
+    # CLIP's text tower does not read its image tower, so it is answered from the clean forward; the
+    # Q-Former (cross-attention), LLaVA's LM (image tokens) and a one-tower model run for real
+    if family == "clip":
+        assert runs["while the first tower is perturbed"] == 0
+    else:
+        assert runs["while the first tower is perturbed"] > 0

@@ -541,11 +541,12 @@ def test_cached_blocks_across_two_towers_and_broken_chains():
     cached = zeroth_order(model, groups, mlp_loss, batches, variant="weight_grad", blocks=blocks, towers=towers)
     for name, value in full.layer_scores.items():
         assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
-    # the first tower's last output stays held for the second tower, beside one state per chain
+    # the first tower's last output stays held for the second tower, and the second tower's own last
+    # output, in case it can be answered from the clean forward, beside one state per chain
     cache = BlockCache(blocks, towers)
     with torch.no_grad():
         clean = cache.capture(lambda: mlp_loss(model, batches[0]))
-        for name, held in {"a0": 1, "a1": 2, "a2": 2, "b0": 1, "b1": 2}.items():
+        for name, held in {"a0": 2, "a1": 3, "a2": 3, "b0": 2, "b1": 3}.items():
             with cache.start_at(name):
                 assert cache.held() == held
                 assert float(mlp_loss(model, batches[0])) == pytest.approx(clean, rel=1e-6)
@@ -556,3 +557,86 @@ def test_cached_blocks_across_two_towers_and_broken_chains():
     model.forward = lambda x: model.b(torch.tanh_(model.a(x)))
     with pytest.raises(RuntimeError, match="modified the recorded output of 'a2' in place"):
         zeroth_order(model, groups, mlp_loss, batches, blocks=blocks, towers=towers)
+
+
+class ContextBlock(Block):
+    """A residual block that may also read a side input (a cross-attention-like ``context`` keyword)."""
+
+    def forward(self, x, context=None):
+        return super().forward(x if context is None else x + context)
+
+
+class SideTowers(nn.Module):
+    """Tower a, then tower b. ``mode`` says how b depends on a: "none" (b reads the batch only, a
+    dual encoder), "context" (b's hidden input is a fixed query, every b block reads a's output as a
+    side input, a Q-Former), "late" (only b's second block reads it)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.a = nn.ModuleList([Block(8, 16) for _ in range(3)])
+        self.b = nn.ModuleList([ContextBlock(8, 16) for _ in range(2)])
+        self.query = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = x
+        for block in self.a:
+            h = block(h)
+        g = x.flip(-1) if self.mode == "none" else self.query.expand_as(x)
+        for i, block in enumerate(self.b):
+            reads = self.mode == "context" or (self.mode == "late" and i == 1)
+            g = block(g, context=torch.tanh(h) if reads else None)
+        return h * g
+
+
+def side_towers(mode):
+    model = SideTowers(mode)
+    groups = {f"a{i}": {f"a.{i}.fc1": m.fc1, f"a.{i}.fc2": m.fc2} for i, m in enumerate(model.a)}
+    groups |= {f"b{i}": {f"b.{i}.fc1": m.fc1, f"b.{i}.fc2": m.fc2} for i, m in enumerate(model.b)}
+    blocks = {f"a{i}": m for i, m in enumerate(model.a)} | {f"b{i}": m for i, m in enumerate(model.b)}
+    return model, groups, blocks, {"a": ["a0", "a1", "a2"], "b": ["b0", "b1"]}
+
+
+@pytest.mark.parametrize("mode", ["none", "context"])
+def test_later_tower_answered_from_the_clean_forward_only_when_its_inputs_are_clean(mode):
+    model, groups, blocks, towers = side_towers(mode)
+    batches = mlp_batches()
+    clean_a = [p.detach().clone() for p in model.a.parameters()]
+    b_runs = {"a perturbed": 0, "a clean": 0}
+
+    def count(module, args, kwargs):  # real work in tower b, and whether tower a is perturbed meanwhile
+        perturbed = any(not torch.equal(p, c) for p, c in zip(model.a.parameters(), clean_a))
+        b_runs["a perturbed" if perturbed else "a clean"] += 1
+
+    for block in model.b:
+        block.fc1.register_forward_pre_hook(count, with_kwargs=True)
+    full = zeroth_order(model, groups, mlp_loss, batches)
+    assert b_runs["a perturbed"] == 3 * 2 * len(batches) * 2  # every perturbation of a runs both b blocks
+    b_runs.update({"a perturbed": 0, "a clean": 0})
+    cached = zeroth_order(model, groups, mlp_loss, batches, blocks=blocks, towers=towers)
+    for name, value in full.layer_scores.items():
+        assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
+    # independent b: answered from the clean forward whenever a is perturbed; b reading a (a side
+    # input that differs, its hidden input the same fixed query): b runs for real every time
+    assert b_runs["a perturbed"] == (0 if mode == "none" else 3 * 2 * len(batches) * 2)
+    assert b_runs["a clean"] > 0  # b's own perturbations still run it
+
+
+def test_later_tower_reading_the_perturbed_one_only_from_its_second_block_runs_for_real():
+    # b0 sees clean inputs, b1 a changed side input: the answer from the clean forward is abandoned at
+    # b1 and the forward runs again with tower b for real, so the scores are those of full forwards
+    model, groups, blocks, towers = side_towers("late")
+    full = zeroth_order(model, groups, mlp_loss, mlp_batches())
+    cached = zeroth_order(model, groups, mlp_loss, mlp_batches(), blocks=blocks, towers=towers)
+    for name, value in full.layer_scores.items():
+        assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
+    cache, batch = BlockCache(blocks, towers), mlp_batches()[0]
+    with torch.no_grad():
+        clean = cache.capture(lambda: mlp_loss(model, batch))
+        model.a[0].fc1.weight.add_(1.0)
+        expected = float(mlp_loss(model, batch))
+        with cache.start_at("a0"):
+            assert float(cache.run(lambda: mlp_loss(model, batch))) == pytest.approx(expected, rel=1e-6)
+        model.a[0].fc1.weight.sub_(1.0)
+    assert cache.run_for_real == {"b"} and expected != pytest.approx(clean)

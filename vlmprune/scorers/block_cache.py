@@ -30,6 +30,16 @@ The substitution is exact under four conditions, each checked:
 :meth:`BlockCache.verify` compares the loss of a from-block forward with the clean loss on the
 unperturbed model (the same arithmetic on the same inputs, so the two agree to rounding).
 
+Towers that run *after* the perturbed block, in another tower, may not depend on it at all (the text
+tower of a dual encoder, run after its image tower). Each call of such a tower is answered from the
+clean forward when all its inputs are the clean ones: at its first block, the hidden input and every
+other argument (masks, cross-attention states) must equal those of the clean forward, and so must
+the other arguments of each of its later blocks; its blocks then pass their input along and its last
+block returns its clean output. If the first block's inputs differ (a language model reading the
+image tower's features), the tower runs for real. If they match but a later block's other arguments
+differ (a tower that reads the perturbed one only from its second block on), the forward is abandoned
+and run again (:meth:`BlockCache.run`) with that tower always running for real.
+
 Cost: perturbing block k of a chain of L blocks runs blocks k..L-1 (plus whatever the model computes
 outside the blocks) instead of all L: on average about half of a decoder's blocks.
 
@@ -77,6 +87,56 @@ def with_hidden(output: Any, hidden: Tensor) -> Any:
     return hidden
 
 
+def other_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block call's arguments without its hidden-state input (see :func:`hidden_of`)."""
+    if args:
+        return args[1:], kwargs
+    return (), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+def _versions(value: Any) -> list[tuple[Tensor, int]]:
+    """Every tensor inside ``value`` (nested tuples, lists, dicts) with its version counter now."""
+    if isinstance(value, Tensor):
+        return [(value, value._version)]
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _versions(item)]
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _versions(item)]
+    return []
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two call arguments are equal: tensors by value, containers item by item, plain values
+    (None, numbers, strings) by ==, any other object only if it is the same object."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (type(None), bool, int, float, str)) and type(a) is type(b):
+        return a == b
+    return False
+
+
+@dataclass
+class _Inputs:
+    """What a block call of a later tower read in the clean forward: its other arguments, and for the
+    tower's first block its hidden input; held by reference, with the tensors' version counters."""
+    hidden: Tensor | None
+    other: tuple[tuple, dict]
+    versions: list[tuple[Tensor, int]]
+
+    def matches(self, args: tuple, kwargs: dict, first: bool) -> bool:
+        if any(t._version != v for t, v in self.versions):  # changed in place since: not comparable
+            return False
+        if first and not _same(hidden_of(args, kwargs), self.hidden):
+            return False
+        return _same(other_inputs(args, kwargs), self.other)
+
+
 @dataclass
 class _Record:
     order: int
@@ -87,6 +147,14 @@ class _Record:
 
 class _Stop(Exception):
     """Ends a forward pass once the output it was run for has been recorded."""
+
+
+class _NotClean(Exception):
+    """A later tower answered from the clean forward turned out to read a changed input."""
+
+    def __init__(self, tower: str):
+        super().__init__(tower)
+        self.tower = tower
 
 
 class BlockCache:
@@ -100,7 +168,10 @@ class BlockCache:
     first forward from block k is asked for, by a clean forward from block k - 1 that stops after it
     (one block evaluation; its input, the output of block k - 2, is still held when blocks are scored
     in the order they run). So at any time a chain holds one hidden state, plus the last output of each
-    tower that later towers read, instead of one per block.
+    tower that later towers read, instead of one per block. Each tower after the first to run also
+    keeps its first block's clean input and its last block's clean output (to be answered from the
+    clean forward), and references to the other arguments of its block calls (masks, position
+    embeddings: usually one tensor shared by all blocks).
     """
 
     def __init__(self, blocks: dict[str, nn.Module], chains: dict[str, list[str]]):
@@ -110,6 +181,9 @@ class BlockCache:
         self.tower_of = {name: tower for tower, names in chains.items() for name in names}
         self.previous = {after: before for names in chains.values() for before, after in zip(names, names[1:])}
         self.records: dict[tuple[str, int], _Record] = {}
+        self.inputs: dict[tuple[str, int], _Inputs] = {}  # block calls of every tower but the first to run
+        self.run_for_real: set[str] = set()  # later towers found to read a perturbed tower past their first block
+        self._call_counters: list[dict] = []
         self.n_calls = 0
         self.loss: float | None = None
         self._run: Callable[[], Tensor] | None = None
@@ -119,7 +193,7 @@ class BlockCache:
         """Run the clean forward ``run()`` (returns the loss) once, recording every block call; ``run`` is
         called again, with earlier blocks skipped, whenever a dropped output is needed once more, so it
         must compute the same clean forward each time (re-seed inside it if the loss draws randomness)."""
-        self.records = {}
+        self.records, self.inputs = {}, {}
         order: list[tuple[str, int]] = []
         count = {name: 0 for name in self.blocks}
         pending: dict[str, int] = {}
@@ -134,6 +208,10 @@ class BlockCache:
                         raise RuntimeError(f"cached scoring: the input of {name!r} is not the output of {before!r}")
                 pending[name] = len(order)
                 order.append((name, call))
+                if self.tower_of[name] != self.tower_of[order[0][0]]:  # a later tower: it may be answered
+                    other = other_inputs(args, kwargs)
+                    hidden = hidden_of(args, kwargs) if before is None else None
+                    self.inputs[(name, call)] = _Inputs(hidden, other, _versions((hidden, other)))
             return hook
 
         def post(name):
@@ -157,10 +235,10 @@ class BlockCache:
             raise RuntimeError(f"cached scoring needs every block to run equally often per forward; got {count}")
         self.n_calls = count[order[0][0]]
         last = len(order) - 1
-        for key, hidden in unread.items():  # each tower's last outputs: kept if code after them may be skipped
-            record = self.records[key]
-            if record.order < last:  # its version as the block returned it: later in-place writes are caught
-                record.hidden = hidden
+        for key, hidden in unread.items():  # each tower's last outputs: kept if code after them may be
+            record = self.records[key]      # skipped, or if the tower itself may be answered (a later tower)
+            if record.order < last or key in self.inputs:  # its version as the block returned it, so that
+                record.hidden = hidden                      # later in-place writes are caught
         self.loss, self._run = loss, run
         return loss
 
@@ -216,7 +294,7 @@ class BlockCache:
         handle = self.blocks[name].register_forward_hook(hook, with_kwargs=True)
         try:
             with self.start_at(name):
-                self._run()
+                self.run(self._run)
         except _Stop:
             pass
         finally:
@@ -239,13 +317,58 @@ class BlockCache:
             else:
                 stub = _cached_output(with_hidden(record.shell, record.hidden))
             stubs.setdefault(key[0], [None] * self.n_calls)[key[1]] = stub
+        perturbed = self.tower_of[start]
+        for tower, names in self.chains.items():
+            for call in range(self.n_calls):
+                if (tower != perturbed and tower not in self.run_for_real and (names[0], call) in self.inputs
+                        and self.records[(names[0], call)].order > begin):
+                    for name, stub in self._answer_if_clean(tower, names, call).items():
+                        stubs.setdefault(name, [None] * self.n_calls)[call] = stub
         try:
             for name, per_call in stubs.items():
-                self.blocks[name].forward = _by_call(self.blocks[name].forward, per_call)
+                counter = {"call": 0}
+                self._call_counters.append(counter)
+                self.blocks[name].forward = _by_call(self.blocks[name].forward, per_call, counter)
             yield
         finally:
+            self._call_counters = []
             for name in stubs:
                 self.blocks[name].__dict__.pop("forward", None)
+
+    def run(self, forward: Callable[[], Any]) -> Any:
+        """``forward()`` inside :meth:`start_at`; if a later tower answered from the clean forward turns
+        out to read a changed input past its first block, that tower runs for real from then on and
+        ``forward()`` runs once more (so ``forward`` must re-seed any randomness it draws)."""
+        try:
+            return forward()
+        except _NotClean as error:
+            self.run_for_real.add(error.tower)
+            for counter in self._call_counters:  # the abandoned forward left its block calls half counted
+                counter["call"] = 0
+            return forward()
+
+    def _answer_if_clean(self, tower: str, names: list[str], call: int) -> dict[str, Callable]:
+        """Stubs for call ``call`` of a later tower (block names ``names``) that answer it from the clean
+        forward when its inputs are the clean ones (module docstring), and run it for real otherwise."""
+        last = self.records[(names[-1], call)]
+        if last.hidden is None or last.hidden._version != last.version:
+            raise RuntimeError(f"cached scoring: the forward modified the recorded output of {names[-1]!r} in place")
+        clean_output = with_hidden(last.shell, last.hidden)
+        answered = {"yes": False}
+        stubs = {}
+        for i, name in enumerate(names):
+            def forward(*args, _name=name, _first=i == 0, _last=i == len(names) - 1,
+                        _real=self.blocks[name].forward, _shell=self.records[(name, call)].shell, **kwargs):
+                recorded = self.inputs[(_name, call)]
+                if _first:
+                    answered["yes"] = tower not in self.run_for_real and recorded.matches(args, kwargs, True)
+                if not answered["yes"]:
+                    return _real(*args, **kwargs)
+                if not _first and not recorded.matches(args, kwargs, False):
+                    raise _NotClean(tower)
+                return clean_output if _last else with_hidden(_shell, hidden_of(args, kwargs))
+            stubs[name] = forward
+        return stubs
 
     @torch.no_grad()
     def verify(self, run: Callable[[], Tensor], rtol: float = 1e-5) -> None:
@@ -257,7 +380,7 @@ class BlockCache:
         """
         for names in self.chains.values():
             with self.start_at(names[-1]):
-                value = float(run())
+                value = float(self.run(run))
             if abs(value - self.loss) > rtol * max(1.0, abs(self.loss)):
                 raise RuntimeError(f"cached scoring: starting at {names[-1]!r} gives loss {value!r}, the full "
                                    f"forward {self.loss!r}; this model needs scoring.cache_inputs: false (so does "
@@ -265,9 +388,9 @@ class BlockCache:
                                    f"draw no random numbers, so later blocks draw different ones)")
 
 
-def _by_call(real: Callable, per_call: list[Callable | None]) -> Callable:
-    """A forward that answers call c of each forward pass with ``per_call[c]`` (None: the real one)."""
-    state = {"call": 0}
+def _by_call(real: Callable, per_call: list[Callable | None], state: dict) -> Callable:
+    """A forward that answers call c of each forward pass with ``per_call[c]`` (None: the real one);
+    ``state["call"]`` counts the calls."""
 
     def forward(*args, **kwargs):
         call = state["call"]

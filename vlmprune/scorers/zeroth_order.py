@@ -176,7 +176,7 @@ def zeroth_order(
     bar = progress_bar(len(units) * len(batches) * n_directions, "zeroth-order scores", progress)
 
     def score_unit(unit: str, members: list[ScoredLayer], originals: list[Tensor], b: int, batch: dict,
-                   reseed, clean_loss: float | None) -> None:
+                   reseed, clean_loss: float | None, cache: BlockCache | None = None) -> None:
         weights = [m.weight for m in members]
         for k in range(n_directions):
             pair_seed = derived_seed(seed, granularity, unit, b, k)
@@ -184,8 +184,11 @@ def zeroth_order(
             losses = []
             for sign in ((1.0,) if clean_loss is not None else (1.0, -1.0)):
                 _set_perturbed(weights, originals, directions, sign * eps)
-                reseed(pair_seed)  # every forward of a difference draws the same randomness
-                losses.append(_scalar_loss(loss_fn(model, batch), unit, b))
+
+                def forward(pair_seed=pair_seed):
+                    reseed(pair_seed)  # every forward of a difference draws the same randomness
+                    return loss_fn(model, batch)
+                losses.append(_scalar_loss(cache.run(forward) if cache else forward(), unit, b))
                 counts["forwards"] += 1
             if clean_loss is not None:
                 d = (losses[0] - clean_loss) / eps
@@ -229,7 +232,7 @@ def zeroth_order(
                         originals = [m.weight.detach().clone() for m in members]
                         try:
                             score_unit(unit, members, originals, b, batch, reseed,
-                                       clean if difference == "forward" else None)
+                                       clean if difference == "forward" else None, cache)
                         finally:
                             _restore(members, originals)
 
