@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -562,14 +563,19 @@ def test_cached_blocks_across_two_towers_and_broken_chains():
 class ContextBlock(Block):
     """A residual block that may also read a side input (a cross-attention-like ``context`` keyword)."""
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, cache=None):
         return super().forward(x if context is None else x + context)
+
+
+class KeyValueCache:
+    """Stands for an object a block is passed but the block cache cannot compare (a KV cache)."""
 
 
 class SideTowers(nn.Module):
     """Tower a, then tower b. ``mode`` says how b depends on a: "none" (b reads the batch only, a
     dual encoder), "context" (b's hidden input is a fixed query, every b block reads a's output as a
-    side input, a Q-Former), "late" (only b's second block reads it)."""
+    side input, a Q-Former), "late" (only b's second block reads it), "opaque" (b reads the batch only
+    but each forward passes its blocks a new object, like a key-value cache)."""
 
     def __init__(self, mode: str):
         super().__init__()
@@ -583,10 +589,12 @@ class SideTowers(nn.Module):
         h = x
         for block in self.a:
             h = block(h)
-        g = x.flip(-1) if self.mode == "none" else self.query.expand_as(x)
+        g = x.flip(-1) if self.mode in ("none", "opaque") else self.query.expand_as(x)
+        cache = KeyValueCache() if self.mode == "opaque" else None
+        self.last_cache = weakref.ref(cache) if cache is not None else None
         for i, block in enumerate(self.b):
             reads = self.mode == "context" or (self.mode == "late" and i == 1)
-            g = block(g, context=torch.tanh(h) if reads else None)
+            g = block(g, context=torch.tanh(h) if reads else None, cache=cache)
         return h * g
 
 
@@ -598,7 +606,7 @@ def side_towers(mode):
     return model, groups, blocks, {"a": ["a0", "a1", "a2"], "b": ["b0", "b1"]}
 
 
-@pytest.mark.parametrize("mode", ["none", "context"])
+@pytest.mark.parametrize("mode", ["none", "context", "opaque"])
 def test_later_tower_answered_from_the_clean_forward_only_when_its_inputs_are_clean(mode):
     model, groups, blocks, towers = side_towers(mode)
     batches = mlp_batches()
@@ -618,9 +626,15 @@ def test_later_tower_answered_from_the_clean_forward_only_when_its_inputs_are_cl
     for name, value in full.layer_scores.items():
         assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
     # independent b: answered from the clean forward whenever a is perturbed; b reading a (a side
-    # input that differs, its hidden input the same fixed query): b runs for real every time
+    # input that differs, its hidden input the same fixed query), or passed an object the cache cannot
+    # compare: b runs for real every time
     assert b_runs["a perturbed"] == (0 if mode == "none" else 3 * 2 * len(batches) * 2)
     assert b_runs["a clean"] > 0  # b's own perturbations still run it
+    if mode == "opaque":  # the recorded inputs hold no reference to the object (a KV cache stays freed)
+        cache = BlockCache(blocks, towers)
+        with torch.no_grad():
+            cache.capture(lambda: mlp_loss(model, batches[0]))
+        assert model.last_cache() is None
 
 
 def test_later_tower_reading_the_perturbed_one_only_from_its_second_block_runs_for_real():

@@ -94,6 +94,22 @@ def other_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return (), {k: v for k, v in kwargs.items() if k != "hidden_states"}
 
 
+_OPAQUE = object()  # stands for an argument that is kept by no reference and equals nothing
+
+
+def _comparable(value: Any) -> Any:
+    """``value`` as it can be held and compared later: tensors (by reference), containers of them and
+    plain values as they are; any other object (a key-value cache, which would hold every layer's keys
+    and values alive) becomes ``_OPAQUE``, so a call that passes one is never answered."""
+    if isinstance(value, (Tensor, type(None), bool, int, float, str)):
+        return value
+    if type(value) in (tuple, list):
+        return type(value)(_comparable(item) for item in value)
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    return _OPAQUE
+
+
 def _versions(value: Any) -> list[tuple[Tensor, int]]:
     """Every tensor inside ``value`` (nested tuples, lists, dicts) with its version counter now."""
     if isinstance(value, Tensor):
@@ -106,8 +122,11 @@ def _versions(value: Any) -> list[tuple[Tensor, int]]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two call arguments are equal: tensors by value, containers item by item, plain values
-    (None, numbers, strings) by ==, any other object only if it is the same object."""
+    """Whether a call argument ``a`` equals a recorded one ``b`` (see :func:`_comparable`): tensors by
+    value, containers item by item, plain values (None, numbers, strings) by ==; nothing equals
+    ``_OPAQUE``."""
+    if b is _OPAQUE:
+        return False
     if a is b:
         return True
     if isinstance(a, Tensor) and isinstance(b, Tensor):
@@ -209,7 +228,7 @@ class BlockCache:
                 pending[name] = len(order)
                 order.append((name, call))
                 if self.tower_of[name] != self.tower_of[order[0][0]]:  # a later tower: it may be answered
-                    other = other_inputs(args, kwargs)
+                    other = _comparable(other_inputs(args, kwargs))
                     hidden = hidden_of(args, kwargs) if before is None else None
                     self.inputs[(name, call)] = _Inputs(hidden, other, _versions((hidden, other)))
             return hook
