@@ -31,50 +31,67 @@ import re
 import statistics
 from pathlib import Path
 
-SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP"]
-PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "smaller", "equal", "larger"]
+SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP",
+                   "chosen steps", "keeps its base"]
+PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "smaller", "equal", "larger",
+                  "held-out diff mean", "held-out diff se"]
 UNPENALISED = "search (no penalty)"
+
+
+def steps(chosen: str) -> int:
+    """How far a chosen policy lies from its base: the sum of |offsets| in ``"ecoflap [1, -2, 0]"``."""
+    return sum(abs(int(v)) for v in re.findall(r"-?\d+", chosen.split("[", 1)[1]))
 
 
 def summarize(draws: dict[int, list[dict]]) -> list[dict]:
     """One row per method (dense left out) over the draws' result rows (as :func:`benchmarks.search.run`
-    returns them): held-out accuracy and gap, mean and sample standard deviation, and in how many
-    draws the held-out accuracy is above ECoFLaP's of the same draw."""
-    per_method: dict[str, list[tuple[float, float, bool]]] = {}
+    returns them): held-out accuracy and gap, mean and sample standard deviation, in how many draws
+    the held-out accuracy is above ECoFLaP's of the same draw, and for the searches the mean distance
+    of the chosen policy from its base (grid steps) and in how many draws it is the base itself."""
+    per_method: dict[str, list[tuple[float, float, bool, int | None]]] = {}
     for rows in draws.values():
         ecoflap = next(r for r in rows if r["method"].startswith("ecoflap"))
         for r in rows:
             if r["method"] != "dense":
                 beats = r["held-out acc"] > ecoflap["held-out acc"]
-                per_method.setdefault(r["method"], []).append((r["held-out acc"], r["gap"], beats))
+                distance = steps(r["chosen"]) if r.get("chosen") else None
+                per_method.setdefault(r["method"], []).append((r["held-out acc"], r["gap"], beats, distance))
     summary = []
     for method, values in per_method.items():
-        held, gaps = [v[0] for v in values], [v[1] for v in values]
+        held, gaps, distances = [v[0] for v in values], [v[1] for v in values], [v[3] for v in values]
         spread = statistics.stdev if len(values) > 1 else (lambda _: 0.0)
+        searched = None not in distances
         summary.append({"method": method, "draws": len(values), "held-out mean": statistics.mean(held),
                         "held-out sd": spread(held), "gap mean": statistics.mean(gaps), "gap sd": spread(gaps),
-                        "beats ECoFLaP": f"{sum(v[2] for v in values)}/{len(values)}"})
+                        "beats ECoFLaP": f"{sum(v[2] for v in values)}/{len(values)}",
+                        "chosen steps": statistics.mean(distances) if searched else "",
+                        "keeps its base": f"{distances.count(0)}/{len(values)}" if searched else ""})
     return summary
 
 
 def paired_gaps(draws: dict[int, list[dict]]) -> list[dict]:
     """Each penalised search against the unpenalised one of the same draw (same search samples): the
     difference of their gaps (penalised - unpenalised), its mean and standard error over the draws
-    (sample sd / sqrt(draws)), and in how many draws the penalised gap is smaller, equal or larger."""
-    differences: dict[str, list[float]] = {}
+    (sample sd / sqrt(draws)), in how many draws the penalised gap is smaller, equal or larger, and
+    the same mean and standard error for the difference of their held-out accuracies."""
+    differences: dict[str, list[tuple[float, float]]] = {}
     for rows in draws.values():
         by_method = {r["method"]: r for r in rows}
         if UNPENALISED not in by_method:
             continue
+        base = by_method[UNPENALISED]
         for method, r in by_method.items():
             if method.startswith("search (") and method != UNPENALISED:
-                differences.setdefault(method, []).append(r["gap"] - by_method[UNPENALISED]["gap"])
+                differences.setdefault(method, []).append((r["gap"] - base["gap"],
+                                                           r["held-out acc"] - base["held-out acc"]))
     out = []
-    for method, values in differences.items():
-        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-        out.append({"method": method, "draws": len(values), "gap diff mean": statistics.mean(values),
-                    "gap diff se": se, "smaller": sum(v < 0 for v in values), "equal": sum(v == 0 for v in values),
-                    "larger": sum(v > 0 for v in values)})
+    for method, pairs in differences.items():
+        gaps, held = [g for g, _ in pairs], [h for _, h in pairs]
+        se = (lambda v: statistics.stdev(v) / len(v) ** 0.5) if len(pairs) > 1 else (lambda _: 0.0)
+        out.append({"method": method, "draws": len(pairs), "gap diff mean": statistics.mean(gaps),
+                    "gap diff se": se(gaps), "smaller": sum(v < 0 for v in gaps), "equal": sum(v == 0 for v in gaps),
+                    "larger": sum(v > 0 for v in gaps), "held-out diff mean": statistics.mean(held),
+                    "held-out diff se": se(held)})
     return out
 
 
@@ -152,6 +169,7 @@ def main() -> None:
             f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"
             f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n")
     print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "search_draws.md").write_text(text)
 
 

@@ -637,32 +637,37 @@ def test_s_max_sweep_passes_its_pruner_to_every_row(tmp_path, small_threads, mon
 def test_search_draws_summarises_each_method_over_the_draws():
     from benchmarks.search_draws import summarize
 
-    def rows(ecoflap, search, search_gap):
+    def rows(ecoflap, search, search_gap, chosen):
         return [{"method": "dense", "held-out acc": 0.97, "gap": 0.03},
                 {"method": "ecoflap (zeroth)", "held-out acc": ecoflap, "gap": 0.05},
-                {"method": "search (no penalty)", "held-out acc": search, "gap": search_gap}]
+                {"method": "search (no penalty)", "held-out acc": search, "gap": search_gap, "chosen": chosen}]
 
-    summary = {r["method"]: r for r in summarize({1: rows(0.9, 0.95, 0.02), 2: rows(0.9, 0.85, 0.06)})}
+    summary = {r["method"]: r for r in summarize({1: rows(0.9, 0.95, 0.02, "ecoflap [2, -3, 0, 10]"),
+                                                  2: rows(0.9, 0.85, 0.06, "uniform [0, 0, 0, 0]")})}
     assert list(summary) == ["ecoflap (zeroth)", "search (no penalty)"]  # dense left out
     search = summary["search (no penalty)"]
     assert search["held-out mean"] == pytest.approx(0.90) and search["held-out sd"] == pytest.approx(0.1 / 2 ** 0.5)
     assert search["gap mean"] == pytest.approx(0.04) and search["beats ECoFLaP"] == "1/2"
+    assert search["chosen steps"] == pytest.approx((15 + 0) / 2) and search["keeps its base"] == "1/2"
     assert summary["ecoflap (zeroth)"]["beats ECoFLaP"] == "0/2" and summary["ecoflap (zeroth)"]["gap sd"] == 0
+    assert summary["ecoflap (zeroth)"]["chosen steps"] == ""  # not a search
 
 
 def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_draw():
     from benchmarks.search_draws import paired_gaps
 
-    def rows(penalised_gap, unpenalised_gap):
-        return [{"method": "ecoflap (zeroth)", "gap": 0.05},
-                {"method": "search (penalty x0.1)", "gap": penalised_gap},
-                {"method": "search (no penalty)", "gap": unpenalised_gap}]
+    def rows(penalised_gap, unpenalised_gap, penalised_held=0.9, unpenalised_held=0.9):
+        return [{"method": "ecoflap (zeroth)", "gap": 0.05, "held-out acc": 0.8},
+                {"method": "search (penalty x0.1)", "gap": penalised_gap, "held-out acc": penalised_held},
+                {"method": "search (no penalty)", "gap": unpenalised_gap, "held-out acc": unpenalised_held}]
 
-    (row,) = paired_gaps({1: rows(0.02, 0.05), 2: rows(0.04, 0.04), 3: rows(0.06, 0.05)})
+    (row,) = paired_gaps({1: rows(0.02, 0.05, 0.92), 2: rows(0.04, 0.04), 3: rows(0.06, 0.05, 0.87, 0.91)})
     assert row["method"] == "search (penalty x0.1)" and row["draws"] == 3
     assert row["gap diff mean"] == pytest.approx((-0.03 + 0 + 0.01) / 3)
     assert row["gap diff se"] == pytest.approx(statistics.stdev([-0.03, 0.0, 0.01]) / 3 ** 0.5)
     assert (row["smaller"], row["equal"], row["larger"]) == (1, 1, 1)
+    assert row["held-out diff mean"] == pytest.approx((0.02 + 0 - 0.04) / 3)
+    assert row["held-out diff se"] == pytest.approx(statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5)
 
 
 def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
