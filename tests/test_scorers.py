@@ -654,3 +654,34 @@ def test_later_tower_reading_the_perturbed_one_only_from_its_second_block_runs_f
             assert float(cache.run(lambda: mlp_loss(model, batch))) == pytest.approx(expected, rel=1e-6)
         model.a[0].fc1.weight.sub_(1.0)
     assert cache.run_for_real == {"b"} and expected != pytest.approx(clean)
+
+
+def test_two_later_towers_reading_the_perturbed_one_late_each_run_for_real():
+    # towers b and c both look clean at their first block and read a only at their second: one forward
+    # is dropped per tower, each found in turn, and the scores are those of full forwards
+    model, groups, blocks, towers = side_towers("late")
+    model.c = nn.ModuleList([ContextBlock(8, 16) for _ in range(2)])
+    def forward(x):
+        h = x
+        for block in model.a:
+            h = block(h)
+        g, k = model.query.expand_as(x), x.flip(0)
+        g = model.b[1](model.b[0](g), context=torch.tanh(h))
+        k = model.c[1](model.c[0](k), context=torch.tanh(h))
+        return h * g + k
+
+    model.forward = forward
+    groups |= {f"c{i}": {f"c.{i}.fc1": m.fc1, f"c.{i}.fc2": m.fc2} for i, m in enumerate(model.c)}
+    blocks |= {f"c{i}": m for i, m in enumerate(model.c)}
+    towers = {**towers, "c": ["c0", "c1"]}
+    full = zeroth_order(model, groups, mlp_loss, mlp_batches())
+    cached = zeroth_order(model, groups, mlp_loss, mlp_batches(), blocks=blocks, towers=towers)
+    for name, value in full.layer_scores.items():
+        assert cached.layer_scores[name] == pytest.approx(value, rel=1e-4)
+    cache, weight = BlockCache(blocks, towers), model.a[0].fc1.weight
+    with torch.no_grad():
+        cache.capture(lambda: mlp_loss(model, mlp_batches()[0]))
+        with cache.start_at("a0"):
+            weight.add_(1.0)
+            cache.run(lambda: mlp_loss(model, mlp_batches()[0]))
+    assert cache.run_for_real == {"b", "c"}

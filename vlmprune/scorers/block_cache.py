@@ -357,14 +357,15 @@ class BlockCache:
     def run(self, forward: Callable[[], Any]) -> Any:
         """``forward()`` inside :meth:`start_at`; if a later tower answered from the clean forward turns
         out to read a changed input past its first block, that tower runs for real from then on and
-        ``forward()`` runs once more (so ``forward`` must re-seed any randomness it draws)."""
-        try:
-            return forward()
-        except _NotClean as error:
-            self.run_for_real.add(error.tower)
-            for counter in self._call_counters:  # the abandoned forward left its block calls half counted
-                counter["call"] = 0
-            return forward()
+        ``forward()`` runs again (so ``forward`` must re-seed any randomness it draws); at most once more
+        per later tower, since a tower that runs for real is never answered again."""
+        while True:
+            try:
+                return forward()
+            except _NotClean as error:
+                self.run_for_real.add(error.tower)
+                for counter in self._call_counters:  # the abandoned forward left its block calls half counted
+                    counter["call"] = 0
 
     def _answer_if_clean(self, tower: str, names: list[str], call: int) -> dict[str, Callable]:
         """Stubs for call ``call`` of a later tower (block names ``names``) that answer it from the clean

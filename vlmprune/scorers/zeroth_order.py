@@ -188,7 +188,7 @@ def zeroth_order(
                 def forward(pair_seed=pair_seed):
                     reseed(pair_seed)  # every forward of a difference draws the same randomness
                     return loss_fn(model, batch)
-                losses.append(_scalar_loss(cache.run(forward) if cache else forward(), unit, b))
+                losses.append(_scalar_loss(cache.run(forward) if cache is not None else forward(), unit, b))
                 counts["forwards"] += 1
             if clean_loss is not None:
                 d = (losses[0] - clean_loss) / eps
