@@ -66,6 +66,7 @@ from vlmprune.adapters import LoadedModel
 from vlmprune.adapters.causal_lm import lm_loss
 from vlmprune.allocators import ALLOCATORS, GroupInfo
 from vlmprune.search import CandidatePruner, PolicySpace, SearchConfig, evolve
+from vlmprune.search.evolution import BOUNDS
 from vlmprune.search.objective import ACCURACY_HOOKS
 from vlmprune.sparsity import model_layout
 
@@ -88,6 +89,7 @@ class Options:
     out: str = "benchmarks/results"
     trial: bool = False
     penalties: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    bound: str = "hoeffding"
 
     def command(self, with_params: bool = True) -> str:
         """The stand-alone command; ``with_params=False`` leaves out ``--params`` and the ``-S`` overrides."""
@@ -97,6 +99,7 @@ class Options:
         return (f"python -m benchmarks.search --sparsity {self.sparsity} --sizes {' '.join(map(str, self.sizes))} "
                 f"--rounds {self.rounds} --population {self.population} --granularity {self.granularity} "
                 f"--calibration-samples {self.calibration_samples} --objective {self.objective}{penalties}"
+                f"{'' if self.bound == 'hoeffding' else f' --bound {self.bound}'}"
                 f"{f' --seed {self.seed}' if self.seed else ''}"
                 f"{extra}{' --trial' if self.trial else ''}")
 
@@ -120,8 +123,13 @@ def main() -> None:
     parser.add_argument("--trial", action="store_true", help="uniform and ECoFLaP on the search samples only")
     parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.0],
                         help="weights lambda of the SRM bound, one search each (1: the bound, 0: no penalty)")
+    parser.add_argument("--bound", choices=BOUNDS, default="hoeffding",
+                        help="the SRM penalty (allocation.search.bound): hoeffding or bernstein")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.bound == "bernstein" and args.objective == "loss":
+        parser.error("--bound bernstein needs a per-sample objective (accuracy or probability), as "
+                     "allocation.search.bound does")
     if args.reuse is None and args.params == "params.yaml":
         args.reuse = "artifacts"
     run(Options(**vars(args)))
@@ -310,14 +318,14 @@ def run(args: Options) -> list[dict]:
                 for p in policies:
                     values, seconds = per_sample(p)
                     cost += seconds
-                    out.append(float(values["objective"][subsets[n]].mean()))
+                    out.append(np.asarray(values["objective"][subsets[n]], dtype=float))
                 return out
 
             config = SearchConfig(rounds=args.rounds, population=args.population, max_evaluations=evaluations,
-                                  penalty=weight, seed=args.seed)
+                                  penalty=weight, bound=args.bound, seed=args.seed)
             result = evolve(space, evaluate_many, n, config, max(value_range, 1e-6), progress=True)
             best = result.best
-            rows.append({"method": f"search ({penalty_label(weight)})", "n": n,
+            rows.append({"method": f"search ({penalty_label(weight, args.bound)})", "n": n,
                          **towers_of(best.sparsity), **measures(per_sample(best.sparsity)[0], held_out(best.sparsity), n),
                          "penalty": best.penalty, "chosen": f"{best.policy.base} {list(best.policy.q)}",
                          "new": len(cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
@@ -332,9 +340,13 @@ def run(args: Options) -> list[dict]:
     return rows
 
 
-def penalty_label(weight: float) -> str:
-    """How a search row names its penalty weight lambda."""
-    return {1.0: "penalty", 0.0: "no penalty"}.get(weight, f"penalty x{weight:g}")
+def penalty_label(weight: float, bound: str = "hoeffding") -> str:
+    """How a search row names its penalty: its weight lambda, and its bound when not the Hoeffding one."""
+    if weight == 0:
+        return "no penalty"
+    if bound != "hoeffding":
+        return f"{bound} x{weight:g}"
+    return "penalty" if weight == 1 else f"penalty x{weight:g}"
 
 
 def write(path: Path, args, label, tower_names, space, evaluations, started, rows) -> None:
@@ -371,7 +383,7 @@ def describe(args: Options, label: str, space, evaluations: int) -> str:
     return (f"Policy search on {label} at {args.sparsity:.0%} overall sparsity, Wanda, every tower.\n{search}"
             f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
             f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
-            f"SRM penalty delta 0.05, weights lambda {', '.join(f'{w:g}' for w in args.penalties)} "
+            f"SRM penalty ({args.bound} bound) delta 0.05, weights lambda {', '.join(f'{w:g}' for w in args.penalties)} "
             f"(`penalty`: lambda x the bound). Every model pruned with the first {args.calibration_samples} "
             "calibration samples.")
 

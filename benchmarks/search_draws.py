@@ -31,6 +31,8 @@ import re
 import statistics
 from pathlib import Path
 
+from vlmprune.search.evolution import BOUNDS
+
 SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP",
                    "chosen steps", "keeps its base"]
 PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "smaller", "equal", "larger",
@@ -126,6 +128,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="search samples")
     parser.add_argument("--draws", type=int, nargs="*", default=[1, 2, 3, 4, 5])
     parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.1, 0.0])
+    parser.add_argument("--bound", choices=BOUNDS, default="hoeffding",
+                        help="the SRM penalty of the penalised searches (allocation.search.bound)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--granularity", default="4")
@@ -152,7 +156,8 @@ def main() -> None:
                           objective=args.objective, params=args.params,
                           overrides=[*args.overrides, f"allocation.search.sample_seed={draw}"],
                           reuse="artifacts" if args.params == "params.yaml" else None,
-                          out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties)
+                          out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties,
+                          bound=args.bound)
         draws[draw] = run(options)
         (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
     options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add")}

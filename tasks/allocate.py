@@ -54,7 +54,8 @@ def allocate(params: RunParams) -> str:
         record["search"] = {"base": best.policy.base, "offsets": list(best.policy.q), "components": space.names,
                             "objective": best.objective, "penalty": best.penalty, "score": best.score,
                             "evaluations": len(result.candidates), "stopped": result.stopped,
-                            "seconds": result.seconds, "n_samples": params.allocation.search.n_samples}
+                            "seconds": result.seconds, "n_samples": params.allocation.search.n_samples,
+                            "bound": params.allocation.search.bound, "weight": params.allocation.search.penalty}
     with atomic_dir(out) as tmp:
         write_json(tmp / "allocation.json", record)
         with open(tmp / "groups.csv", "w", newline="") as f:

@@ -20,6 +20,7 @@ import csv
 import queue
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
@@ -50,7 +51,7 @@ class SearchEvaluator:
         adapter, loaded = load_model(params)
         batches = calibration_batches(params, params.calibration.batch_size, limit=s.calibration_samples)
         samples = adapter.make_calibration(loaded, data_spec(params), s.n_samples, s.sample_seed)
-        self.objective, self.value_range = make_objective(adapter, loaded, data_spec(params), samples, s.objective,
+        self.values, self.value_range = make_objective(adapter, loaded, data_spec(params), samples, s.objective,
                                                           s.batch_size, device)
         self.layers = layers
         self.pool: queue.Queue[CandidatePruner] = queue.Queue()
@@ -60,17 +61,18 @@ class SearchEvaluator:
             groups = model_layout(model, towers, p.include, p.exclude, p.towers)
             self.pool.put(CandidatePruner(model, towers, groups, batches, make_pruner(params), p.nm))
 
-    def evaluate(self, group_sparsity: dict[str, float]) -> float:
+    def evaluate(self, group_sparsity: dict[str, float]) -> np.ndarray:
+        """The candidate's per-sample objective values on the search samples (see ``make_objective``)."""
         layer_sparsity = {layer: group_sparsity[g] for g, names in self.layers.items() for layer in names}
         worker = self.pool.get()
         try:
             worker.prune(layer_sparsity)
-            return self.objective(worker.model)
+            return self.values(worker.model)
         finally:
             worker.restore()
             self.pool.put(worker)
 
-    def evaluate_many(self, policies: list[dict[str, float]]) -> list[float]:
+    def evaluate_many(self, policies: list[dict[str, float]]) -> list[np.ndarray]:
         if FlowRunContext.get() is None:
             return [self.evaluate(p) for p in policies]
         futures = [evaluate_candidate.submit(self, p) for p in policies]
@@ -78,8 +80,8 @@ class SearchEvaluator:
 
 
 @task(name="search-candidate", cache_policy=NO_CACHE)
-def evaluate_candidate(evaluator: SearchEvaluator, group_sparsity: dict[str, float]) -> float:
-    """Prune one candidate from the dense weights and return its objective on the search samples."""
+def evaluate_candidate(evaluator: SearchEvaluator, group_sparsity: dict[str, float]) -> np.ndarray:
+    """Prune one candidate from the dense weights and return its per-sample objective values."""
     return evaluator.evaluate(group_sparsity)
 
 
@@ -91,7 +93,7 @@ def search_space(params: RunParams, groups: list[GroupInfo]) -> PolicySpace:
 def search_config(params: RunParams) -> SearchConfig:
     s = params.allocation.search
     return SearchConfig(rounds=s.rounds, population=s.population, max_evaluations=s.max_evaluations,
-                        max_seconds=s.max_seconds, penalty=s.penalty, delta=s.delta, seed=s.seed)
+                        max_seconds=s.max_seconds, penalty=s.penalty, delta=s.delta, bound=s.bound, seed=s.seed)
 
 
 def run_search(params: RunParams, groups: list[GroupInfo], layers: dict[str, list[str]],

@@ -452,8 +452,10 @@ def test_search_benchmark_on_a_tiny_vision_lm_scores_the_answer_loss(tmp_path, s
     adapter, loaded = VisionLMAdapter(), VisionLMAdapter().load(str(tmp_path / "vlm"), torch.float32, "cpu")
     spec = data_spec(params)
     samples = adapter.make_calibration(loaded, spec, 8, params.allocation.search.sample_seed)
-    objective, value_range = make_objective(adapter, loaded, spec, samples, "loss", 3, "cpu")
-    assert rows[0]["search loss"] == pytest.approx(-objective(loaded.model), rel=1e-5) == pytest.approx(value_range)
+    values, value_range = make_objective(adapter, loaded, spec, samples, "loss", 3, "cpu")
+    assert values(loaded.model).shape == (1,)  # the loss objective is one value, not one per sample
+    assert rows[0]["search loss"] == pytest.approx(-float(values(loaded.model)[0]), rel=1e-5) == pytest.approx(
+        value_range)
     assert (tmp_path / "out" / "search_vision_lm.md").exists()
     assert (tmp_path / "out" / "search_vision_lm_candidates.json").exists()
 

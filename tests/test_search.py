@@ -27,6 +27,7 @@ from vlmprune.search import (
     shell_size,
     srm_penalty,
 )
+from vlmprune.search.srm import bernstein_penalty
 from vlmprune.sparsity import model_layout
 
 
@@ -55,6 +56,22 @@ def test_penalty_formula_and_monotonicity():
     assert srm_penalty(64, 6, 3) > srm_penalty(64, 6, 2) > srm_penalty(64, 6, 0)
     assert srm_penalty(16, 6, 2) > srm_penalty(64, 6, 2) > srm_penalty(256, 6, 2)
     assert srm_penalty(64, 6, 2) / srm_penalty(256, 6, 2) == pytest.approx(2.0)
+
+
+def test_bernstein_penalty_formula():
+    d = [0.1, -0.1, 0.3, 0.1]  # mean 0.1, squared deviations 0, 0.04, 0.04, 0: V_n = 0.08 / 3
+    # one base, U = 2, k = 1: S = 4, k (k+1) = 2; L = ln(2 / 0.05) + ln 2 + ln 4
+    log_terms = math.log(40) + math.log(2) + math.log(4)
+    assert bernstein_penalty(d, dim=2, complexity=1) == pytest.approx(math.sqrt(2 * (0.08 / 3) * log_terms / 4))
+    # two bases, U = 2, k = 2: S = 8, k (k+1) = 6
+    assert bernstein_penalty(d, 2, 2, n_bases=2, delta=0.1) == pytest.approx(
+        math.sqrt(2 * (0.08 / 3) * (math.log(20) + math.log(2) + math.log(6) + math.log(8)) / 4))
+    assert bernstein_penalty(d, 2, 0) == 0.0  # a base needs no bound
+    assert bernstein_penalty([0.2] * 8, 2, 3) == 0.0  # the same shift on every sample: no variance
+    assert bernstein_penalty(d, 2, 3) > bernstein_penalty(d, 2, 2)  # grows with the complexity
+    assert bernstein_penalty([2 * v for v in d], 2, 2) == pytest.approx(2 * bernstein_penalty(d, 2, 2))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        bernstein_penalty([0.1], 2, 1)
 
 
 # ---- policies and the budget ----
@@ -151,6 +168,59 @@ def test_penalty_weight_scales_the_bound_and_trades_it_against_the_objective():
     assert srm_penalty(16, 2, 4, 1, 0.05) - srm_penalty(16, 2, 0, 1, 0.05) == pytest.approx(0.185, abs=1e-3)
     with pytest.raises(ValueError, match="penalty"):
         evolve(space, far_better_objective(space), 16, SearchConfig(penalty=-0.5), progress=False)
+
+
+def swinging_objective(space, n=64):
+    """Per-sample values: the base scores 0.5 +- 0.3 (easy and hard samples alternate, for every policy
+    alike). A policy's mean gain grows with how much sparser vision is than text (x, in steps), but from
+    x = 3 on it comes from large swings (+-0.4 on alternate samples); below that the gain is the same
+    on every sample."""
+    base = space.sparsity(Policy("uniform", (0, 0)))
+
+    def evaluate_many(policies):
+        out = []
+        for p in policies:
+            x = round((p["vision.0"] - base["vision.0"] - (p["text.2"] - base["text.2"])) / space.step)
+            gain = 0.01 * x if x < 3 else 0.012 * x
+            swing = 0.4 if x >= 3 else 0.0
+            out.append([0.5 + (0.3 if i % 4 < 2 else -0.3) + gain + (swing if i % 2 else -swing) for i in range(n)])
+        return out
+    return evaluate_many
+
+
+def test_bernstein_penalty_passes_over_gains_made_of_swings():
+    space = two_tower_space()
+    config = SearchConfig(rounds=6, population=6, max_evaluations=36, seed=0, bound="bernstein")
+    off = evolve(space, swinging_objective(space), 64, SearchConfig(**{**config.__dict__, "penalty": 0.0}),
+                 progress=False).best
+    on = evolve(space, swinging_objective(space), 64, config, progress=False)
+    assert off.objective > 0.5 + 0.012 * 3  # unpenalised: the largest mean, made of swings
+    # the Bernstein penalty charges the swings (sqrt(2 * 0.16 * 64/63 * L / 64) > 0.1 for L > 5) and not
+    # the steady gains (their differences from the base have V = 0, though their values vary as much as
+    # the base's): it picks the best steady policy, x = 2, a gain of 0.02 on every sample
+    assert on.best.objective == pytest.approx(0.52) and on.best.penalty == pytest.approx(0.0, abs=1e-9)
+    evaluate = swinging_objective(space)
+    base_values = evaluate([space.sparsity(Policy("uniform", (0, 0)))])[0]
+    for c in on.candidates:  # each candidate's penalty, from its own values minus its base's
+        values = evaluate([c.sparsity])[0]
+        assert c.penalty == pytest.approx(bernstein_penalty([v - b for v, b in zip(values, base_values)], 2,
+                                                            c.policy.complexity, 1, 0.05))
+    hoeffding = evolve(space, swinging_objective(space), 64, SearchConfig(**{**config.__dict__, "bound": "hoeffding",
+                                                                            "penalty": 0.05}), progress=False)
+    assert hoeffding.best.objective > 0.5 + 0.012 * 3  # the range-only bound cannot tell swings from steady gains
+
+
+def test_bernstein_penalty_needs_per_sample_values_and_every_base():
+    space = two_tower_space()
+    with pytest.raises(ValueError, match="per-sample values"):
+        evolve(space, far_better_objective(space), 64, SearchConfig(bound="bernstein"), progress=False)
+    two_bases = PolicySpace(groups_of([1000] * 4, ["vision", "vision", "text", "text"]), 0.5, "tower",
+                            ("uniform", "ecoflap"), step=0.05, s_max=0.9)
+    with pytest.raises(ValueError, match="population and max_evaluations must be >= 2"):
+        evolve(two_bases, swinging_objective(two_bases), 64, SearchConfig(population=1, bound="bernstein"),
+               progress=False)
+    with pytest.raises(ValueError, match="unknown bound 'chernoff'; known: hoeffding, bernstein"):
+        evolve(space, far_better_objective(space), 64, SearchConfig(bound="chernoff"), progress=False)
 
 
 def test_every_candidate_meets_the_budget_and_same_seed_same_search():
@@ -252,6 +322,7 @@ def test_search_stage_writes_allocation_and_candidates(search_run):
     assert allocation["method"] == "search" and allocation["overall"] == pytest.approx(0.5, abs=1e-4)
     assert set(allocation["layers"]) == {layer for g in scores["groups"] for layer in g["layers"]}
     assert allocation["search"]["evaluations"] == 4
+    assert (allocation["search"]["bound"], allocation["search"]["weight"]) == ("hoeffding", 1.0)
     with open(artifacts / "allocate" / "candidates.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and sum(int(r["chosen"]) for r in rows) == 1
@@ -279,6 +350,27 @@ def test_search_stage_same_seed_same_policy(search_run):
     assert again.best.sparsity == recorded["groups"]
 
 
+def test_search_stage_bernstein_bound_reads_per_sample_values(search_run, tiny_dual_encoder_dir):
+    from tasks.search import SearchEvaluator, run_search
+
+    params, artifacts = search_run
+    search = {**params.allocation.search.model_dump(), "bound": "bernstein", "penalty": 0.5}
+    bernstein = tiny_params(tiny_dual_encoder_dir, artifacts, allocation={"method": "search", "search": search},
+                            pruning={"method": "wanda", "sparsity": 0.5})
+    scores = json.loads((artifacts / "score" / "scores.json").read_text())
+    groups = [GroupInfo(g["name"], g["tower"], g["n_params"]) for g in scores["groups"]]
+    layers = {g["name"]: list(g["layers"]) for g in scores["groups"]}
+    result, space = run_search(bernstein, groups, layers, progress=False)
+    evaluator = SearchEvaluator(bernstein, layers)
+    base = evaluator.evaluate(space.sparsity(Policy("uniform", (0,) * space.dim)))
+    assert base.shape == (16,)  # one value per search sample
+    for c in result.candidates:
+        expected = 0.5 * bernstein_penalty(evaluator.evaluate(c.sparsity) - base, space.dim, c.policy.complexity)
+        assert c.penalty == pytest.approx(expected) and c.objective == pytest.approx(float(
+            evaluator.evaluate(c.sparsity).mean()))
+    assert any(c.penalty > 0 for c in result.candidates)
+
+
 def test_search_params_say_what_is_missing(tiny_dual_encoder_dir, tmp_path):
     from params.schema import ParamsError
 
@@ -296,6 +388,15 @@ def test_search_params_say_what_is_missing(tiny_dual_encoder_dir, tmp_path):
     with pytest.raises(ParamsError, match="unstructured"):
         tiny_params(tiny_dual_encoder_dir, tmp_path, pruning={"pattern": "2:4"},
                     allocation={"method": "search", "search": {"bases": ["uniform"]}})
+    with pytest.raises(ParamsError, match="bound 'bernstein' needs per-sample objective values"):
+        tiny_params(tiny_dual_encoder_dir, tmp_path, allocation={"method": "search", "search": {
+            "bases": ["uniform"], "bound": "bernstein", "objective": "loss"}})
+    with pytest.raises(ParamsError, match="population and max_evaluations must be >= 2"):
+        tiny_params(tiny_dual_encoder_dir, tmp_path, scoring={"method": "zeroth_order"}, allocation={
+            "method": "search", "search": {"bound": "bernstein", "population": 1}})
+    with pytest.raises(ParamsError, match="allocation.search.bound"):
+        tiny_params(tiny_dual_encoder_dir, tmp_path, allocation={"method": "search", "search": {
+            "bases": ["uniform"], "bound": "chernoff"}})
 
 
 def test_candidates_fan_out_as_prefect_tasks_inside_a_flow(prefect_harness):

@@ -8,7 +8,11 @@ whose standard deviation shrinks by ``shrink`` each round, so the search space n
 around the best policies found so far. A policy is never evaluated twice (nor two policies giving
 the same group budgets).
 
-    score(h) = objective(h) - lambda * bound(h)     bound: the SRM bound of vlmprune.search.srm
+    score(h) = objective(h) - lambda * bound(h)     bound: an SRM penalty of vlmprune.search.srm
+
+``SearchConfig.bound`` picks the penalty: ``hoeffding`` (the SRM bound for a range R, the same for
+every policy of a complexity) or ``bernstein`` (the variance term of the empirical Bernstein bound
+on each policy's per-sample differences from its base: it needs per-sample objective values).
 
 ``lambda`` is ``SearchConfig.penalty``: 1 subtracts the bound itself, so the search maximises a lower
 bound on the true objective that holds with probability 1 - delta (a guarantee); 0 turns the penalty
@@ -19,7 +23,9 @@ meant for (tens) the bound itself is wider than the accuracy differences between
 so with lambda = 1 the search keeps its base (``benchmarks/results/search_penalty_weight.md``).
 
 Candidates are evaluated batch by batch through ``evaluate_many(list of {group: sparsity}) ->
-list of objectives`` (higher is better), so the caller decides how to fan them out. The search
+list of values`` (higher is better), so the caller decides how to fan them out. A policy's values are
+its per-sample objective values (a 1-D array; its objective is their mean) or its objective alone (a
+number: the Hoeffding bound needs no more). The search
 stops after ``rounds`` rounds, at ``max_evaluations`` evaluations, or once ``max_seconds`` have
 passed (checked between rounds; round 0 always runs). Randomness comes from one ``numpy.random.Generator`` seeded with
 ``seed``: the same seed and the same objectives give the same policy.
@@ -35,7 +41,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlmprune.search.policy import Policy, PolicySpace
-from vlmprune.search.srm import srm_penalty
+from vlmprune.search.srm import bernstein_penalty, srm_penalty
+
+BOUNDS = ("hoeffding", "bernstein")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class SearchConfig:
     crossover: float = 0.5
     penalty: float = 1.0  # lambda: the weight of the SRM bound (1: the bound itself, 0: off)
     delta: float = 0.05
+    bound: str = "hoeffding"  # the SRM penalty: hoeffding (range only) or bernstein (per-sample variance)
     seed: int = 0
 
 
@@ -87,18 +96,23 @@ def _key(space: PolicySpace, sparsity: dict[str, float]) -> tuple:
     return tuple(round(g.n_params * sparsity[g.name]) for g in space.groups)
 
 
-def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]], list[float]], n_samples: int,
+def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]], list], n_samples: int,
            config: SearchConfig = SearchConfig(), value_range: float = 1.0, progress: bool = True,
            on_candidate: Callable[[Candidate], None] | None = None) -> SearchResult:
-    """Search policies of ``space`` maximising objective - lambda * SRM bound; returns every candidate and the best.
+    """Search policies of ``space`` maximising objective - lambda * SRM penalty; returns every candidate and the best.
 
-    ``n_samples``: how many samples ``evaluate_many`` averages its objective over (the penalty's n);
+    ``n_samples``: how many samples each policy's objective averages over (the penalty's n);
     ``value_range``: the width R of the interval the per-sample objective lies in (1 for accuracy).
     """
     if config.population < 1 or config.rounds < 1 or config.max_evaluations < 1 or config.elite < 1:
         raise ValueError(f"population, rounds, max_evaluations and elite must be >= 1, got {config}")
     if config.penalty < 0:
         raise ValueError(f"penalty (the weight of the SRM bound) must be >= 0, got {config.penalty}")
+    if config.bound not in BOUNDS:
+        raise ValueError(f"unknown bound {config.bound!r}; known: {', '.join(BOUNDS)}")
+    if config.bound == "bernstein" and min(config.population, config.max_evaluations) < len(space.bases):
+        raise ValueError(f"the bernstein bound compares every policy with its base, so round 0 must evaluate all "
+                         f"{len(space.bases)} bases: population and max_evaluations must be >= {len(space.bases)}")
     rng = np.random.default_rng(config.seed)
     start = time.perf_counter()
     bases = list(space.bases)
@@ -106,9 +120,20 @@ def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]],
     candidates: list[Candidate] = []
     stopped = "rounds"
 
-    def penalty(policy: Policy) -> float:
-        return config.penalty * srm_penalty(n_samples, space.dim, policy.complexity, len(bases), config.delta,
-                                            value_range)
+    values_of: dict[tuple, np.ndarray] = {}  # a base's budgets key -> its per-sample values (bernstein bound)
+
+    def penalty(policy: Policy, values: np.ndarray) -> float:
+        if config.penalty == 0:
+            return 0.0
+        if config.bound == "hoeffding":
+            return config.penalty * srm_penalty(n_samples, space.dim, policy.complexity, len(bases), config.delta,
+                                                value_range)
+        if len(values) != n_samples:
+            raise ValueError(f"the bernstein bound needs the {n_samples} per-sample values of each policy; "
+                             f"evaluate_many returned {len(values)}")
+        base = values_of[_key(space, space.sparsity(Policy(policy.base, (0,) * space.dim)))]
+        return config.penalty * bernstein_penalty(values - base, space.dim, policy.complexity, len(bases),
+                                                  config.delta)
 
     def admit(policy: Policy, batch: list) -> bool:
         policy = _canonical(space, policy)
@@ -164,9 +189,12 @@ def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]],
             objectives = evaluate_many([s for _, s in batch])
             if len(objectives) != len(batch):
                 raise RuntimeError(f"evaluate_many returned {len(objectives)} objectives for {len(batch)} policies")
-            for (policy, sparsity), objective in zip(batch, objectives):
-                pen = penalty(policy)
-                c = Candidate(len(candidates), round_, policy, sparsity, float(objective), pen, float(objective) - pen)
+            for (policy, sparsity), value in zip(batch, objectives):
+                values = np.atleast_1d(np.asarray(value, dtype=float))
+                if policy.complexity == 0:
+                    values_of[_key(space, sparsity)] = values
+                objective, pen = float(values.mean()), penalty(policy, values)
+                c = Candidate(len(candidates), round_, policy, sparsity, objective, pen, objective - pen)
                 candidates.append(c)
                 if on_candidate is not None:
                     on_candidate(c)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,15 +64,18 @@ ACCURACY_HOOKS = {"dual_encoder": _dual_encoder_values}
 
 
 def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metric: str, batch_size: int,
-                   device: str) -> tuple[Callable[[nn.Module], float], float]:
-    """``(objective(model) -> float, value range R)`` on the search ``samples`` (a dict of per-sample tensors)."""
+                   device: str) -> tuple[Callable[[nn.Module], np.ndarray], float]:
+    """``(values(model) -> 1-D array, value range R)`` on the search ``samples`` (a dict of per-sample
+    tensors); the objective is the mean of the values. ``accuracy`` and ``probability`` give one value
+    per sample; ``loss`` gives one value, minus the mean loss over all batches (its per-sample values
+    are not separated, so the ``bernstein`` bound, which needs them, does not take it)."""
     if metric in ("accuracy", "probability"):
         hook = ACCURACY_HOOKS.get(adapter.family)
         if hook is None:
             raise ValueError(f"search objective {metric!r} is built only for: {', '.join(ACCURACY_HOOKS)} "
                              f"(model family {adapter.family!r}); use allocation.search.objective: loss")
         values = hook(loaded, spec, samples, batch_size, device)
-        return (lambda model: float(values(model)[metric].mean())), 1.0
+        return (lambda model: values(model)[metric].double().numpy()), 1.0
     if metric != "loss":
         raise ValueError(f"unknown search objective {metric!r}; known: accuracy, probability, loss")
     n = len(next(iter(samples.values())))
@@ -82,7 +86,7 @@ def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metr
         return -sum(float(adapter.loss(model, b)) * len(next(iter(b.values()))) for b in batches) / n
 
     dense = -minus_loss(loaded.model)
-    return minus_loss, max(dense, 1e-6)
+    return (lambda model: np.array([minus_loss(model)])), max(dense, 1e-6)
 
 
 class CandidatePruner:
