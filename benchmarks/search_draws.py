@@ -97,11 +97,11 @@ def paired_gaps(draws: dict[int, list[dict]]) -> list[dict]:
     return out
 
 
-def earlier_draws(folders: list[Path]) -> dict[int, list[dict]]:
+def earlier_draws(folders: list[Path]) -> tuple[dict[int, list[dict]], str]:
     """The rows of earlier draws, by draw number, from their ``draw_<d>`` folders (``rows.json`` and the
-    table whose ``Command:`` line says what ran). Refuses a folder without them, a draw number that comes
-    twice, and draws that ran different searches: their commands, without the draw's seeds
-    (``-S allocation.search.sample_seed=d``, ``--seed d``), must be equal."""
+    table whose ``Command:`` line says what ran), and that command without the draw's seeds
+    (``-S allocation.search.sample_seed=d``, ``--seed d``). Refuses a folder without them, a draw number
+    that comes twice, and draws that ran different searches (their commands must be equal)."""
     draws: dict[int, list[dict]] = {}
     commands: dict[str, list[int]] = {}
     for folder in folders:
@@ -113,13 +113,13 @@ def earlier_draws(folders: list[Path]) -> dict[int, list[dict]]:
         if draw in draws:
             raise SystemExit(f"--add: draw {draw} comes twice")
         line = next((ln for ln in tables[0].read_text().splitlines() if ln.startswith("Command: ")), "")
-        command = re.sub(r" -S allocation\.search\.sample_seed=\d+| --seed \d+", "", line)
+        command = re.sub(r" -S allocation\.search\.sample_seed=\d+| --seed \d+", "", line)[len("Command: "):]
         commands.setdefault(command, []).append(draw)
         draws[draw] = json.loads((folder / "rows.json").read_text())
     if len(commands) > 1:
         listed = "\n".join(f"  draws {sorted(d)}: {c}" for c, d in commands.items())
         raise SystemExit(f"--add: the draws ran different searches:\n{listed}")
-    return draws
+    return draws, next(iter(commands), "")
 
 
 def main() -> None:
@@ -147,7 +147,7 @@ def main() -> None:
 
     if not args.draws and not args.add:
         raise SystemExit("nothing to summarise: give --draws, --add or both")
-    draws = earlier_draws(args.add)
+    draws, _ = earlier_draws(args.add)
     if overlap := sorted(set(draws) & set(args.draws)):
         raise SystemExit(f"--draws {overlap} are already in the --add folders")
     for draw in args.draws:
@@ -160,8 +160,13 @@ def main() -> None:
                           bound=args.bound)
         draws[draw] = run(options)
         (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
-    options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add")}
-    command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)
+    folders = [*args.add, *(Path(args.out) / "search_draws" / f"draw_{d}" for d in args.draws)]
+    _, ran = earlier_draws(folders)  # the new draws ran the same search as the added ones
+    if args.draws:
+        options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add")}
+        command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)
+    else:  # a summary of earlier draws only: the search options above would not be what ran
+        command = "python -m benchmarks.search_draws --draws"
     command += f" --add {' '.join(map(str, args.add))}" if args.add else ""
     numbers = sorted(draws)
     text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(numbers)} draws of "
@@ -169,7 +174,8 @@ def main() -> None:
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
             f"whose held-out accuracy is above ECoFLaP's. Per-draw tables: `search_draws/draw_<d>/`"
             f"{' and the --add folders' if args.add else ''}.\n"
-            f"Machine: {machine()}.\nCommand: {command}\n\n"
+            f"Machine: {machine()}.\nCommand: {command}\n"
+            f"Each draw d ran: {ran} --seed d -S allocation.search.sample_seed=d\n\n"
             f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n\n"
             f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"
             f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n")

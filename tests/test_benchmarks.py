@@ -686,8 +686,9 @@ def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
 
     old = draw_folder("old", 1, f"{command} -S allocation.search.sample_seed=1")
     new = draw_folder("new", 2, f"{command} --seed 2 -S allocation.search.sample_seed=2")
-    draws = earlier_draws([old, new])
+    draws, ran = earlier_draws([old, new])
     assert sorted(draws) == [1, 2] and draws[2][0]["gap"] == 0.02
+    assert ran == command[len("Command: "):]
 
     other = draw_folder("other", 3, f"{command.replace('0.7', '0.6')} -S allocation.search.sample_seed=3")
     with pytest.raises(SystemExit, match=r"different searches(.|\n)*draws \[3\]"):
