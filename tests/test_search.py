@@ -205,6 +205,9 @@ def test_bernstein_penalty_passes_over_gains_made_of_swings():
         values = evaluate([c.sparsity])[0]
         assert c.penalty == pytest.approx(bernstein_penalty([v - b for v, b in zip(values, base_values)], 2,
                                                             c.policy.complexity, 1, 0.05))
+    # the same swings over 100 times the samples: the penalty shrinks 10x and the swinging gains win
+    many = evolve(space, swinging_objective(space, n=6400), 6400, config, progress=False).best
+    assert many.objective > 0.5 + 0.012 * 3 and many.sparsity != on.best.sparsity
     hoeffding = evolve(space, swinging_objective(space), 64, SearchConfig(**{**config.__dict__, "bound": "hoeffding",
                                                                             "penalty": 0.05}), progress=False)
     assert hoeffding.best.objective > 0.5 + 0.012 * 3  # the range-only bound cannot tell swings from steady gains
