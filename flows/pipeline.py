@@ -8,31 +8,47 @@ register: with ``par.model: pruned`` they load the pruned model, and register lo
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
+
 from prefect import flow
 
 from params import load_params
-from tasks.allocate import allocate
-from tasks.calibrate import calibrate
-from tasks.evaluate import baseline, evaluate
-from tasks.prepare import prepare
-from tasks.prune import prune
-from tasks.register import register
-from tasks.router import evaluate_tokens, train_router
-from tasks.score import score
 
-TASKS = {
-    "prepare": prepare,
-    "calibrate": calibrate,
-    "baseline": baseline,
-    "score": score,
-    "allocate": allocate,
-    "prune": prune,
-    "evaluate": evaluate,
-    "train_router": train_router,  # PAR (par.enabled; else a "skipped" meta); after prune (par.model pruned)
-    "evaluate_tokens": evaluate_tokens,
-    "register": register,  # last: attaches the router trained on the pruned model
+# stage -> "module:task", in pipeline order; register is last: it attaches the router trained on the
+# pruned model. train_router runs PAR (par.enabled; else a "skipped" meta) after prune (par.model pruned).
+_TASK_PATHS = {
+    "prepare": "tasks.prepare:prepare",
+    "calibrate": "tasks.calibrate:calibrate",
+    "baseline": "tasks.evaluate:baseline",
+    "score": "tasks.score:score",
+    "allocate": "tasks.allocate:allocate",
+    "prune": "tasks.prune:prune",
+    "evaluate": "tasks.evaluate:evaluate",
+    "train_router": "tasks.router:train_router",
+    "evaluate_tokens": "tasks.router:evaluate_tokens",
+    "register": "tasks.register:register",
 }
-STAGES = tuple(TASKS)
+
+
+class _Tasks(Mapping):
+    """The stages' Prefect tasks by name, each module imported when its task is first asked for: a
+    ``vlmprune stage`` process imports its own task's dependencies only (importing every task module
+    took about 7 s per stage process, one task's 3-4 s; benchmarks/results/hand_runs.md)."""
+
+    def __getitem__(self, name: str):
+        module, attribute = _TASK_PATHS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TASK_PATHS)
+
+    def __len__(self) -> int:
+        return len(_TASK_PATHS)
+
+
+TASKS = _Tasks()
+STAGES = tuple(_TASK_PATHS)
 
 
 @flow(name="vlmprune-pipeline", log_prints=True)

@@ -144,8 +144,13 @@ def test_token_contributions_draw_the_keep_sets_they_are_told(llava):  # noqa: F
 
 
 def test_par_token_sets_is_random_or_spread():
-    from params.schema import ParamsError, validate
+    import typing
+
+    from params.schema import ParamsError, ParParams, validate
+    from vlmprune.par.contributions import KEEP_SETS
 
     assert validate({"par": {"token_sets": "spread"}}).par.token_sets == "spread"
-    with pytest.raises(ParamsError, match=r"par\.token_sets 'nearby' is not one of: random, spread"):
+    with pytest.raises(ParamsError, match=r"par\.token_sets = 'nearby': Input should be 'random' or 'spread'"):
         validate({"par": {"token_sets": "nearby"}})
+    # the schema lists them without importing the PAR modules (they load transformers' LLaMA)
+    assert set(typing.get_args(ParParams.model_fields["token_sets"].annotation)) == set(KEEP_SETS)
