@@ -120,6 +120,7 @@ def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]],
     candidates: list[Candidate] = []
     stopped = "rounds"
 
+    base_keys = {base: _key(space, space.sparsity(Policy(base, (0,) * space.dim))) for base in bases}
     values_of: dict[tuple, np.ndarray] = {}  # a base's budgets key -> its per-sample values (bernstein bound)
 
     def penalty(policy: Policy, values: np.ndarray) -> float:
@@ -131,7 +132,7 @@ def evolve(space: PolicySpace, evaluate_many: Callable[[list[dict[str, float]]],
         if len(values) != n_samples:
             raise ValueError(f"the bernstein bound needs the {n_samples} per-sample values of each policy; "
                              f"evaluate_many returned {len(values)}")
-        base = values_of[_key(space, space.sparsity(Policy(policy.base, (0,) * space.dim)))]
+        base = values_of[base_keys[policy.base]]
         return config.penalty * bernstein_penalty(values - base, space.dim, policy.complexity, len(bases),
                                                   config.delta)
 
