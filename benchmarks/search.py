@@ -14,11 +14,9 @@ scored without pruning again):
 
 - dual encoder, ``accuracy`` / ``probability``: :data:`vlmprune.search.objective.ACCURACY_HOOKS`.
 - image-to-text, ``loss``: sample i's answer loss l_i = mean over its answer tokens (+ EOS) of the
-  next-token cross-entropy (teacher forcing), objective = -mean_i l_i over the subset. This equals
-  ``make_objective(..., "loss")`` (minus the token-weighted loss of each batch, averaged over
-  batches by size) whenever every sample has the same number of answer tokens, as on digits (one
-  digit + EOS); otherwise it weights samples equally. The SRM value range R is the dense model's
-  -objective on the subset, as in ``make_objective``. ``search acc`` is then the teacher-forced
+  next-token cross-entropy (teacher forcing), objective = -mean_i l_i over the subset, as
+  ``make_objective(..., "loss")`` (``adapter.sample_losses``). The SRM value range R is the dense
+  model's -objective on the subset, as in ``make_objective``; ``--bound bernstein`` uses the l_i. ``search acc`` is then the teacher-forced
   exact match: 1 when every answer token (EOS included) is the argmax; such an answer is exactly
   what greedy decoding produces, so it is a lower bound of the evaluate stage's ``vqa_accuracy``
   on the same images (which also accepts e.g. "3." for "3").
@@ -88,14 +86,19 @@ class Options:
     reuse: str | None = "artifacts"
     out: str = "benchmarks/results"
     trial: bool = False
-    penalties: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    penalties: list[float | tuple[str, float]] = field(default_factory=lambda: [1.0, 0.0])  # see penalty_arg
     bound: str = "hoeffding"
+
+    def searches(self) -> list[tuple[str, float]]:
+        """(bound, weight lambda) of each search: a bare weight takes ``bound``."""
+        return [p if isinstance(p, tuple) else (self.bound, float(p)) for p in self.penalties]
 
     def command(self, with_params: bool = True) -> str:
         """The stand-alone command; ``with_params=False`` leaves out ``--params`` and the ``-S`` overrides."""
         extra = "" if self.params == "params.yaml" or not with_params else f" --params {self.params}"
         extra += "".join(f" -S {o}" for o in self.overrides) if with_params else ""
-        penalties = "" if self.penalties == [1.0, 0.0] else " --penalties " + " ".join(f"{w:g}" for w in self.penalties)
+        penalties = "" if self.penalties == [1.0, 0.0] else " --penalties " + " ".join(
+            f"{p[0]}:{p[1]:g}" if isinstance(p, tuple) else f"{p:g}" for p in self.penalties)
         return (f"python -m benchmarks.search --sparsity {self.sparsity} --sizes {' '.join(map(str, self.sizes))} "
                 f"--rounds {self.rounds} --population {self.population} --granularity {self.granularity} "
                 f"--calibration-samples {self.calibration_samples} --objective {self.objective}{penalties}"
@@ -121,15 +124,13 @@ def main() -> None:
                                                       "scores) from this artifacts directory, made with the same "
                                                       "params (default: artifacts, with --params params.yaml only)")
     parser.add_argument("--trial", action="store_true", help="uniform and ECoFLaP on the search samples only")
-    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.0],
-                        help="weights lambda of the SRM bound, one search each (1: the bound, 0: no penalty)")
+    parser.add_argument("--penalties", type=penalty_arg, nargs="+", default=[1.0, 0.0],
+                        help="weights lambda of the SRM bound, one search each (1: the bound, 0: no penalty); "
+                             "BOUND:WEIGHT (e.g. bernstein:0.25) names the bound of that search")
     parser.add_argument("--bound", choices=BOUNDS, default="hoeffding",
-                        help="the SRM penalty (allocation.search.bound): hoeffding or bernstein")
+                        help="the SRM penalty (allocation.search.bound) of the searches given a bare weight")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    if args.bound == "bernstein" and args.objective == "loss":
-        parser.error("--bound bernstein needs a per-sample objective (accuracy or probability), as "
-                     "allocation.search.bound does")
     if args.reuse is None and args.params == "params.yaml":
         args.reuse = "artifacts"
     run(Options(**vars(args)))
@@ -164,8 +165,7 @@ def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batc
             batch = {k: v[s:s + batch_size].to(device) for k, v in samples.items()}
             logits = adapter.run_full(model, batch).logits
             scored = batch["labels"][:, 1:] != -100
-            nll = lm_loss(logits, batch["labels"], reduction="none")  # 0 where unscored
-            losses.append((nll.sum(1) / scored.sum(1).clamp(min=1)).cpu())
+            losses.append(lm_loss(logits, batch["labels"], reduction="sample").cpu())
             hit = (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]) | ~scored
             exact.append(hit.all(1).float().cpu())
         return {"objective": -torch.cat(losses), "accuracy": torch.cat(exact)}
@@ -308,7 +308,7 @@ def run(args: Options) -> list[dict]:
     for n in args.sizes:
         # SRM value range R: 1 for accuracies/probabilities; the dense loss on the subset for the loss
         value_range = -float(dense_values["objective"][subsets[n]].mean()) if loss_objective else 1.0
-        for weight in args.penalties:
+        for bound, weight in args.searches():
             before, t = len(cache), time.perf_counter()
             cost = 0.0
 
@@ -322,10 +322,10 @@ def run(args: Options) -> list[dict]:
                 return out
 
             config = SearchConfig(rounds=args.rounds, population=args.population, max_evaluations=evaluations,
-                                  penalty=weight, bound=args.bound, seed=args.seed)
+                                  penalty=weight, bound=bound, seed=args.seed)
             result = evolve(space, evaluate_many, n, config, max(value_range, 1e-6), progress=True)
             best = result.best
-            rows.append({"method": f"search ({penalty_label(weight, args.bound)})", "n": n,
+            rows.append({"method": f"search ({penalty_label(weight, bound)})", "n": n,
                          **towers_of(best.sparsity), **measures(per_sample(best.sparsity)[0], held_out(best.sparsity), n),
                          "penalty": best.penalty, "chosen": f"{best.policy.base} {list(best.policy.q)}",
                          "new": len(cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
@@ -338,6 +338,18 @@ def run(args: Options) -> list[dict]:
     (Path(args.out) / candidates).write_text(json.dumps(log, indent=1) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+def penalty_arg(text: str) -> float | tuple[str, float]:
+    """A ``--penalties`` entry: a weight lambda (``0.25``), or a bound and its weight (``bernstein:0.25``)."""
+    bound, _, weight = text.rpartition(":")
+    if bound and bound not in BOUNDS:
+        raise argparse.ArgumentTypeError(f"unknown bound {bound!r} in {text!r}; known: {', '.join(BOUNDS)}")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight or BOUND:WEIGHT (e.g. 0.25, bernstein:0.25)")
+    return (bound, value) if bound else value
 
 
 def penalty_label(weight: float, bound: str = "hoeffding") -> str:
@@ -383,7 +395,7 @@ def describe(args: Options, label: str, space, evaluations: int) -> str:
     return (f"Policy search on {label} at {args.sparsity:.0%} overall sparsity, Wanda, every tower.\n{search}"
             f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
             f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
-            f"SRM penalty ({args.bound} bound) delta 0.05, weights lambda {', '.join(f'{w:g}' for w in args.penalties)} "
+            f"SRM penalties (delta 0.05) {', '.join(f'{b} x{w:g}' if w else 'none' for b, w in args.searches())} "
             f"(`penalty`: lambda x the bound). Every model pruned with the first {args.calibration_samples} "
             "calibration samples.")
 
@@ -409,17 +421,20 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def suite(profile: str, out: str, model: str | None = None, params: str | None = None, artifacts: str = "artifacts",
           sparsity: float = 0.6, sizes: list[int] = (16, 64, 256), rounds: int = 2, population: int = 6,
-          granularity: str = "4", calibration_samples: int = 32, seed: int = 0, objective: str = "probability"):
+          granularity: str = "4", calibration_samples: int = 32, seed: int = 0, objective: str = "probability",
+          penalties: list = (1.0, 0.0)):
     """Runner entry point (``kind: script``): baselines and searches from scratch (calibrate and score run
     in a temporary directory; nothing is reused). ``model``: a dual encoder directory (default: the
     offline default model, built by the prepare stage under ``artifacts`` when missing); ``params``: the
-    params file (default params/presets/default.yaml)."""
+    params file (default params/presets/default.yaml); ``penalties``: as ``--penalties`` (weights, or
+    ``"bernstein:0.25"``)."""
     from benchmarks.common import REPO, default_dual_encoder
     from benchmarks.report import SuiteResult
 
     options = Options(sparsity=sparsity, sizes=list(sizes), rounds=rounds, population=population,
                       granularity=str(granularity), calibration_samples=calibration_samples, seed=seed,
                       objective=objective, params=params or str(REPO / "params/presets/default.yaml"),
+                      penalties=[penalty_arg(str(p)) for p in penalties],
                       overrides=[f"model.id={model or default_dual_encoder(artifacts)}"], reuse=None,
                       out=str(Path(out) / "search"))
     rows = run(options)

@@ -31,6 +31,7 @@ import re
 import statistics
 from pathlib import Path
 
+from benchmarks.search import penalty_arg
 from vlmprune.search.evolution import BOUNDS
 
 SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP",
@@ -127,9 +128,10 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--size", type=int, default=64, help="search samples")
     parser.add_argument("--draws", type=int, nargs="*", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 0.1, 0.0])
+    parser.add_argument("--penalties", type=penalty_arg, nargs="+", default=[1.0, 0.1, 0.0],
+                        help="as benchmarks.search: weights lambda, or BOUND:WEIGHT (e.g. bernstein:0.25)")
     parser.add_argument("--bound", choices=BOUNDS, default="hoeffding",
-                        help="the SRM penalty of the penalised searches (allocation.search.bound)")
+                        help="the SRM penalty of the searches given a bare weight (allocation.search.bound)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--granularity", default="4")

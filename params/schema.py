@@ -259,8 +259,9 @@ class SearchParams(Section):
     bound: Literal["hoeffding", "bernstein"] = Field(
         "hoeffding", description="the SRM penalty: hoeffding (the bound for the objective's range, alike for every "
                                  "policy of a complexity) or bernstein (the variance term of the empirical Bernstein "
-                                 "bound on each policy's per-sample differences from its base; needs objective "
-                                 "accuracy or probability; vlmprune/search/srm.py)")
+                                 "bound on each policy's per-sample differences from its base; needs per-sample "
+                                 "values: objective accuracy or probability, or loss on a language-model family; "
+                                 "vlmprune/search/srm.py)")
     seed: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1, description="search samples per forward")
     calibration_samples: int | None = Field(None, ge=1, description="prune candidates on the first n calibration "
@@ -445,10 +446,6 @@ class RunParams(Section):
             if search.sample_seed == self.calibration.seed:
                 raise ValueError(f"allocation.search.sample_seed ({search.sample_seed}) equals calibration.seed: the "
                                  "search samples would repeat the calibration samples; choose another sample_seed")
-            if search.bound == "bernstein" and search.objective == "loss":
-                raise ValueError("allocation.search.bound 'bernstein' needs per-sample objective values: set "
-                                 "allocation.search.objective to accuracy or probability (dual_encoder), or bound to "
-                                 "hoeffding (the loss objective is one value per search)")
             if search.bound == "bernstein" and min(search.population, search.max_evaluations) < len(search.bases):
                 raise ValueError(f"allocation.search.bound 'bernstein' compares each policy with its base, so every "
                                  f"base must be evaluated in round 0: allocation.search.population and "

@@ -3,6 +3,7 @@ between markers, the profiles file, and one tiny end-to-end run of the Prefect f
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -407,15 +408,29 @@ def test_random_shift_moves_each_image_within_the_bound():
     assert {abs(r - 3) for r, _ in positions} | {abs(c - 3) for _, c in positions} == {0, 1, 2}
 
 
+def test_search_benchmark_penalties_name_their_bound():
+    from benchmarks.search import Options, penalty_arg
+
+    options = Options(penalties=[penalty_arg("1"), penalty_arg("bernstein:0.25"), penalty_arg("0")], bound="hoeffding")
+    assert options.searches() == [("hoeffding", 1.0), ("bernstein", 0.25), ("hoeffding", 0.0)]
+    assert options.command().endswith("--penalties 1 bernstein:0.25 0")
+    assert Options(penalties=[0.5, 0.0], bound="bernstein").command().endswith("--penalties 0.5 0 --bound bernstein")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown bound 'chernoff' in 'chernoff:1'; known: hoeffding"):
+        penalty_arg("chernoff:1")
+    with pytest.raises(argparse.ArgumentTypeError, match="'strong' is not a weight or BOUND:WEIGHT"):
+        penalty_arg("strong")
+
+
 def test_search_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):
     params = tiny_params(tiny_dual_encoder_dir, tmp_path / "unused", tracking={"enabled": False})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     data = run_script(SCRIPT_SUITES["search"], "tiny", str(tmp_path), {
         "model": str(tiny_dual_encoder_dir), "params": str(tmp_path / "params.yaml"), "sizes": [8, 16],
-        "rounds": 1, "population": 2, "calibration_samples": 8, "granularity": "2"})
+        "rounds": 1, "population": 2, "calibration_samples": 8, "granularity": "2",
+        "penalties": [1, "bernstein:0.25", 0]})
     methods = [(r["method"], r["n"]) for r in data["rows"]]
-    assert methods == [("uniform", 16), ("owl", 16), ("ecoflap (zeroth)", 16), ("search (penalty)", 8),
-                       ("search (no penalty)", 8), ("search (penalty)", 16), ("search (no penalty)", 16)]
+    assert methods == [("uniform", 16), ("owl", 16), ("ecoflap (zeroth)", 16)] + [
+        (f"search ({label})", n) for n in (8, 16) for label in ("penalty", "bernstein x0.25", "no penalty")]
     assert all(r["overall"] == pytest.approx(0.6, abs=0.01) for r in data["rows"])  # every allocation keeps 60%
     assert all(r["gap"] == pytest.approx(r["search acc"] - r["held-out acc"]) for r in data["rows"])
     assert data["dense"]["method"] == "dense" and 0 <= data["dense"]["held-out acc"] <= 1
@@ -439,23 +454,25 @@ def test_search_benchmark_on_a_tiny_vision_lm_scores_the_answer_loss(tmp_path, s
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     rows = run(Options(sparsity=0.4, sizes=[4, 8], rounds=1, population=2, granularity="tower",
                        calibration_samples=4, objective="loss", params=str(tmp_path / "params.yaml"),
-                       reuse=None, out=str(tmp_path / "out")))
-    assert [(r["method"], r["n"]) for r in rows] == [
-        ("dense", 8), ("uniform", 8), ("owl", 8), ("ecoflap (zeroth)", 8), ("search (penalty)", 4),
-        ("search (no penalty)", 4), ("search (penalty)", 8), ("search (no penalty)", 8)]
+                       reuse=None, out=str(tmp_path / "out"), penalties=[1.0, ("bernstein", 0.5), 0.0]))
+    assert [(r["method"], r["n"]) for r in rows] == [("dense", 8), ("uniform", 8), ("owl", 8), ("ecoflap (zeroth)", 8)] + [
+        (f"search ({label})", n) for n in (4, 8) for label in ("penalty", "bernstein x0.5", "no penalty")]
     assert all(r["overall"] == pytest.approx(0.4, abs=0.01) for r in rows[1:])
     assert all(r["gap"] == pytest.approx(r["search acc"] - r["held-out acc"]) for r in rows)
     assert all(r["loss gap"] == pytest.approx(r["held-out loss"] - r["search loss"]) for r in rows)
     assert all(0 <= r["search acc"] <= 1 and r["search loss"] > 0 for r in rows)
-    # the cached per-sample answer losses average to make_objective's loss (adapter.loss, batch by batch):
-    # every digit answer is one token + EOS, so per-sample and per-token means agree
+    # the benchmark's cached per-sample answer losses average to make_objective's loss objective, which
+    # gives one value per search sample (adapter.sample_losses) and, every digit answer being one token
+    # + EOS, averages to the token-weighted adapter.loss
     adapter, loaded = VisionLMAdapter(), VisionLMAdapter().load(str(tmp_path / "vlm"), torch.float32, "cpu")
     spec = data_spec(params)
     samples = adapter.make_calibration(loaded, spec, 8, params.allocation.search.sample_seed)
     values, value_range = make_objective(adapter, loaded, spec, samples, "loss", 3, "cpu")
-    assert values(loaded.model).shape == (1,)  # the loss objective is one value, not one per sample
-    assert rows[0]["search loss"] == pytest.approx(-float(values(loaded.model)[0]), rel=1e-5) == pytest.approx(
-        value_range)
+    dense = values(loaded.model)
+    assert dense.shape == (8,) and len(set(dense.round(6))) > 1
+    assert rows[0]["search loss"] == pytest.approx(-float(dense.mean()), rel=1e-5) == pytest.approx(value_range)
+    with torch.no_grad():
+        assert float(adapter.loss(loaded.model, samples)) == pytest.approx(-float(dense.mean()), rel=1e-5)
     assert (tmp_path / "out" / "search_vision_lm.md").exists()
     assert (tmp_path / "out" / "search_vision_lm_candidates.json").exists()
 

@@ -292,6 +292,39 @@ def test_perplexity_matches_the_models_own_loss(saved):
     assert result.perplexity == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
 
 
+def test_lm_loss_reductions_by_hand():
+    """logits[:, t] predicts labels[:, t + 1]; -100 is skipped; ``sample`` is each row's own token mean."""
+    from vlmprune.adapters.causal_lm import lm_loss
+
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.8, 0.2], [0.1, 0.9]],
+                                     [[0.25, 0.75], [0.6, 0.4], [0.3, 0.7]],
+                                     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]]))
+    labels = torch.tensor([[7, 1, 0], [7, 1, -100], [7, -100, -100]])  # the first label is never predicted
+    row0, row1 = [-math.log(0.5), -math.log(0.8)], [-math.log(0.75)]
+    assert lm_loss(logits, labels, "sample").tolist() == pytest.approx([sum(row0) / 2, row1[0], 0.0])
+    assert float(lm_loss(logits, labels)) == pytest.approx(sum(row0 + row1) / 3)  # token-weighted
+    assert lm_loss(logits, labels, "none")[0].tolist() == pytest.approx(row0)
+    with pytest.raises(ValueError, match="unknown reduction 'sum'; known: mean, sample, none"):
+        lm_loss(logits, labels, "sum")
+
+
+@pytest.mark.parametrize("arch", ["llama", "blip2"])
+def test_sample_losses_average_to_the_loss_on_equal_lengths(arch, saved):
+    """Calibration windows / answers of one length: the mean of the per-sample losses is the batch loss,
+    and each is the loss of its sample alone."""
+    family = BUILDERS[arch][1]
+    adapter = ADAPTERS.get(family)()
+    loaded = adapter.load(str(saved(arch)), torch.float32, "cpu")
+    batch = adapter.make_calibration(loaded, DataSpec(**BUILDERS[arch][2]), 3, 0)
+    with torch.no_grad():
+        per_sample = adapter.sample_losses(loaded.model, batch)
+        alone = [float(adapter.loss(loaded.model, {k: v[i:i + 1] for k, v in batch.items()})) for i in range(3)]
+        whole = float(adapter.loss(loaded.model, batch))
+    assert per_sample.tolist() == pytest.approx(alone, rel=1e-4)
+    if family == "causal_lm":
+        assert float(per_sample.mean()) == pytest.approx(whole, rel=1e-5)
+
+
 def test_vqa_answer_normalisation():
     from vlmprune.adapters.blip2 import accepted_answers, normalize_answer
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tasks.io import data_spec
 from tests.tiny import tiny_params
 from vlmprune.adapters.base import Tower
 from vlmprune.allocators import GroupInfo, ecoflap_kept
@@ -374,6 +375,55 @@ def test_search_stage_bernstein_bound_reads_per_sample_values(search_run, tiny_d
     assert any(c.penalty > 0 for c in result.candidates)
 
 
+def test_bernstein_bound_refuses_a_loss_without_per_sample_terms(search_run, tiny_dual_encoder_dir):
+    from tasks.search import SearchEvaluator
+    from vlmprune.errors import ModelError
+
+    params, artifacts = search_run
+    search = {**params.allocation.search.model_dump(), "bound": "bernstein", "objective": "loss"}
+    contrastive = tiny_params(tiny_dual_encoder_dir, artifacts, allocation={"method": "search", "search": search})
+    with pytest.raises(ModelError, match="allocation.search.bound 'bernstein' .* dual_encoder family's loss"):
+        SearchEvaluator(contrastive, {})
+
+
+def test_search_stage_bernstein_bound_on_a_language_models_loss(tmp_path):
+    """Image-to-text (the LLaVA-style model): the loss objective gives one value per search sample, each
+    sample's own answer loss, so the bernstein bound runs on it."""
+    from flows.pipeline import TASKS
+    from tasks.search import SearchEvaluator, run_search
+    from tests.tiny import build_tiny_vision_lm, family_params
+    from vlmprune.adapters.base import LoadedModel
+    from vlmprune.adapters.causal_lm import lm_loss
+    from vlmprune.adapters.vision_lm import VisionLMAdapter
+
+    model, tokenizer = build_tiny_vision_lm()
+    VisionLMAdapter().save(LoadedModel(model, tokenizer), tmp_path / "vlm")
+    search = {"n_samples": 8, "rounds": 2, "population": 3, "max_evaluations": 5, "granularity": "tower",
+              "bases": ["uniform"], "batch_size": 3, "objective": "loss", "bound": "bernstein", "penalty": 0.5}
+    params = family_params(tmp_path / "vlm", tmp_path / "art", {"name": "digits"},
+                           allocation={"method": "search", "search": search})
+    for stage in ("calibrate", "score"):
+        TASKS[stage].fn(params)
+    scores = json.loads((tmp_path / "art" / "score" / "scores.json").read_text())
+    groups = [GroupInfo(g["name"], g["tower"], g["n_params"]) for g in scores["groups"]]
+    layers = {g["name"]: list(g["layers"]) for g in scores["groups"]}
+    result, space = run_search(params, groups, layers, progress=False)
+    evaluator = SearchEvaluator(params, layers)
+    dense = evaluator.values(model)
+    samples = VisionLMAdapter().make_calibration(LoadedModel(model, tokenizer), data_spec(params), 8,
+                                                  params.allocation.search.sample_seed)
+    with torch.no_grad():  # minus each sample's own answer loss, in order
+        expected = -lm_loss(VisionLMAdapter.run_full(model, samples).logits, samples["labels"], reduction="sample")
+    assert dense.shape == (8,) and dense == pytest.approx(expected.double().numpy(), rel=1e-5)
+    assert evaluator.value_range == pytest.approx(-dense.mean())
+    base = evaluator.evaluate(space.sparsity(Policy("uniform", (0,) * space.dim)))
+    for c in result.candidates:
+        values = evaluator.evaluate(c.sparsity)
+        assert c.penalty == pytest.approx(0.5 * bernstein_penalty(values - base, space.dim, c.policy.complexity))
+        assert c.objective == pytest.approx(float(values.mean()))
+    assert any(c.penalty > 0 for c in result.candidates)
+
+
 def test_search_params_say_what_is_missing(tiny_dual_encoder_dir, tmp_path):
     from params.schema import ParamsError
 
@@ -391,9 +441,6 @@ def test_search_params_say_what_is_missing(tiny_dual_encoder_dir, tmp_path):
     with pytest.raises(ParamsError, match="unstructured"):
         tiny_params(tiny_dual_encoder_dir, tmp_path, pruning={"pattern": "2:4"},
                     allocation={"method": "search", "search": {"bases": ["uniform"]}})
-    with pytest.raises(ParamsError, match="bound 'bernstein' needs per-sample objective values"):
-        tiny_params(tiny_dual_encoder_dir, tmp_path, allocation={"method": "search", "search": {
-            "bases": ["uniform"], "bound": "bernstein", "objective": "loss"}})
     with pytest.raises(ParamsError, match="population and max_evaluations must be >= 2"):
         tiny_params(tiny_dual_encoder_dir, tmp_path, scoring={"method": "zeroth_order"}, allocation={
             "method": "search", "search": {"bound": "bernstein", "population": 1}})

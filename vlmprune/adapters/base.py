@@ -90,6 +90,14 @@ class ModelAdapter(ABC):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The model's own scalar training loss on one calibration batch (for global scoring)."""
 
+    def sample_losses(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Each sample's own loss on one batch, shape (B,): its mean next-token cross-entropy over its
+        own scored tokens (for a per-sample search objective). Built for the families whose loss is a
+        sum of per-sample terms (language models); a contrastive loss is not, since each sample's term
+        depends on the rest of its batch. :func:`has_sample_losses` tells whether a family has it."""
+        raise NotImplementedError(f"per-sample losses are not built for the {self.family} family (its loss is not a "
+                                  "sum of per-sample terms)")
+
     def load_skeleton(self, model_id: str, dtype: torch.dtype) -> tuple[LoadedModel, Path]:
         """The model with every weight on the meta device, and the directory of its safetensors
         checkpoint (for ``runtime.offload: disk``); built for the families that override it."""
@@ -127,3 +135,8 @@ def detect_family(model_id: str) -> str:
     raise ValueError(
         f"cannot tell the model family of {model_id!r}; set model.family to one of: {', '.join(ADAPTERS.names())}"
     )
+
+
+def has_sample_losses(adapter: ModelAdapter) -> bool:
+    """Whether ``adapter``'s family gives per-sample losses (overrides :meth:`ModelAdapter.sample_losses`)."""
+    return type(adapter).sample_losses is not ModelAdapter.sample_losses

@@ -122,6 +122,9 @@ class ImageToTextAdapter(ModelAdapter):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return lm_loss(self.run_full(model, batch).logits, batch["labels"])
 
+    def sample_losses(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return lm_loss(self.run_full(model, batch).logits, batch["labels"], reduction="sample")
+
     def _text_ids(self, loaded: LoadedModel, text: str) -> list[int]:
         return tokenizer_of(loaded.processor)(text, add_special_tokens=False)["input_ids"] if text else []
 

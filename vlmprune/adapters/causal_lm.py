@@ -112,14 +112,23 @@ def pad_token_id(tokenizer) -> int:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy: logits[:, t] predicts labels[:, t + 1]; label -100 is ignored."""
+    """Next-token cross-entropy: logits[:, t] predicts labels[:, t + 1]; label -100 is ignored.
+
+    ``reduction``: ``mean`` over every scored token of the batch (a scalar), ``sample``: each
+    sample's mean over its own scored tokens (shape (B,); 0 for a sample with none), or ``none``:
+    per token (B, T - 1), 0 where unscored."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
     loss = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                        ignore_index=-100, reduction="none").view(shift_labels.shape)
+    scored = shift_labels != -100
     if reduction == "none":
         return loss
-    return loss.sum() / (shift_labels != -100).sum().clamp(min=1)
+    if reduction == "sample":
+        return loss.sum(1) / scored.sum(1).clamp(min=1)
+    if reduction == "mean":
+        return loss.sum() / scored.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; known: mean, sample, none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +229,14 @@ class CausalLMAdapter(ModelAdapter):
                                                          use_cache=False))]
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return lm_loss(logits, batch["input_ids"])
+        return lm_loss(self._logits(model, batch), batch["input_ids"])
+
+    def sample_losses(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return lm_loss(self._logits(model, batch), batch["input_ids"], reduction="sample")
+
+    @staticmethod
+    def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
     def save(self, loaded: LoadedModel, directory: Path) -> None:
         directory = Path(directory)

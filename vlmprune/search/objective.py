@@ -3,10 +3,13 @@
 Objectives (higher is better), measured on the search samples only (drawn from the training
 split with their own seed; the held-out split is never read):
 
-- ``loss`` (every family): minus the model's own calibration loss, ``-mean_b adapter.loss(model, b)``
-  over batches of the search samples. Its penalty scale R is the dense model's loss on the same
-  samples: a heuristic scale (a per-sample loss is unbounded, so the SRM bound holds only for a
-  loss clipped to [0, R]).
+- ``loss`` (every family): minus the model's own loss on the search samples. Where the family gives
+  per-sample losses (``adapter.sample_losses``: the language-model families, image-to-text included)
+  the values are minus each sample's mean token loss, one per sample, and the objective is their
+  mean; otherwise (the contrastive dual encoder and CLIP, whose per-sample terms depend on the batch)
+  it is one value, minus the sample-weighted mean of ``adapter.loss`` over the batches. Its penalty
+  scale R is the dense model's loss on the same samples: a heuristic scale (a per-sample loss is
+  unbounded, so the SRM bound holds only for a loss clipped to [0, R]).
 - ``accuracy`` (families with a hook below; the dual encoder): zero-shot accuracy of the search
   images against class embeddings built from the *training* caption templates (the evaluation
   templates stay unseen), as in :mod:`vlmprune.evaluators.zero_shot`. Per-sample values in {0, 1}: R = 1.
@@ -24,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlmprune.adapters import has_sample_losses
 from vlmprune.pruners import Pruner
 from vlmprune.sequential import prune_tower_sequential
 from vlmprune.sparsity import Group
@@ -67,8 +71,9 @@ def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metr
                    device: str) -> tuple[Callable[[nn.Module], np.ndarray], float]:
     """``(values(model) -> 1-D array, value range R)`` on the search ``samples`` (a dict of per-sample
     tensors); the objective is the mean of the values. ``accuracy`` and ``probability`` give one value
-    per sample; ``loss`` gives one value, minus the mean loss over all batches (its per-sample values
-    are not separated, so the ``bernstein`` bound, which needs them, does not take it)."""
+    per sample; so does ``loss`` where the family has per-sample losses (:func:`has_sample_losses`),
+    else one value, minus the mean loss over all batches (which the ``bernstein`` bound, needing
+    per-sample values, does not take)."""
     if metric in ("accuracy", "probability"):
         hook = ACCURACY_HOOKS.get(adapter.family)
         if hook is None:
@@ -82,11 +87,13 @@ def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metr
     batches = [{k: v[s:s + batch_size].to(device) for k, v in samples.items()} for s in range(0, n, batch_size)]
 
     @torch.no_grad()
-    def minus_loss(model: nn.Module) -> float:
-        return -sum(float(adapter.loss(model, b)) * len(next(iter(b.values()))) for b in batches) / n
+    def minus_loss(model: nn.Module) -> np.ndarray:
+        if has_sample_losses(adapter):
+            return -torch.cat([adapter.sample_losses(model, b).double().cpu() for b in batches]).numpy()
+        return np.array([-sum(float(adapter.loss(model, b)) * len(next(iter(b.values()))) for b in batches) / n])
 
-    dense = -minus_loss(loaded.model)
-    return (lambda model: np.array([minus_loss(model)])), max(dense, 1e-6)
+    dense = -float(minus_loss(loaded.model).mean())
+    return minus_loss, max(dense, 1e-6)
 
 
 class CandidatePruner:
