@@ -245,8 +245,10 @@ def benchmark(profile: str = "quick", suites: list[str] | None = None, profiles_
                 mlflow.log_metrics({f"{name}.dense.{k}": float(v) for k, v in dense.items()
                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
             results.append(grid_result(name, suite, dense, rows))
-        written = write_report(results, out_dir, profile, command, runner, spec.description,
-                               readme=readme, **({} if published else {"published": None}))
+        # a run of some suites merges into the existing report and keeps its published table, which
+        # needs every suite
+        written = write_report(results, out_dir, profile, command, runner, spec.description, readme=readme,
+                               merge=bool(suites), **({} if published and not suites else {"published": None}))
         if mlflow:
             for path in written["files"]:
                 mlflow.log_artifact(path, artifact_path="report")
@@ -332,10 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         work=args.work, threads=threads, command="python -m benchmarks.runner " + shlex.join(argv), runner=runner,
         readme=args.readme if args.update_readme else None)
     if args.update_readme:
-        sections = result["sections"]
-        if args.suites:  # the published table needs every suite: keep the README's as it is
-            sections = {k: v for k, v in sections.items() if k != "published"}
-        names = update_readme(args.readme, sections)
+        names = update_readme(args.readme, result["sections"])  # a run of some suites has no published table
         print(f"{args.readme}: replaced the sections {', '.join(names)}")
     return 1 if result["failed"] else 0
 

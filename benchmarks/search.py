@@ -36,6 +36,9 @@ always on the largest sample set here);
     python -m benchmarks.search --params params/presets/vision_lm.yaml -S model.id=DIR -S artifacts=DIR \
         --objective loss --sparsity 0.4 --reuse DIR [--trial]
 
+``--penalties 1 bernstein:0.25 0``: one search per entry; a bare number is the weight lambda of the
+``--bound`` penalty (Hoeffding by default), ``BOUND:WEIGHT`` names its own bound.
+
 ``--trial``: the uniform and ECoFLaP allocations on the search samples only (no held-out
 evaluation, no search): a cheap way to pick the sparsity.
 """
