@@ -134,11 +134,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write_meta(directory: Path, stage: str, usage: dict, **extra) -> None:
+    """A stage's ``meta.json``: when it finished, what it used, and the torch version and CPU thread
+    count, both of which change float rounding (zeroth-order scores, and the allocations and masks
+    that follow from them, differ in their last bits between thread counts)."""
     write_json(Path(directory) / "meta.json", {
         "stage": stage,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "usage": usage,
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         **extra,
     })
 

@@ -51,9 +51,12 @@ def _hash_file(digest, path: Path) -> None:
 
 
 def run_digest(sections: dict, files: list[Path], model_dir: Path | None) -> str:
-    """SHA-256 of the params sections, the bytes of ``files`` and the listing of ``model_dir``."""
+    """SHA-256 of the params sections, the torch version and CPU thread count (both change float
+    rounding, so a run resumed under others would not equal an uninterrupted one), the bytes of
+    ``files`` and the listing of ``model_dir``."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"params": sections, "torch": torch.__version__}, sort_keys=True).encode())
+    digest.update(json.dumps({"params": sections, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                             sort_keys=True).encode())
     for path in files:
         if Path(path).exists():
             _hash_file(digest, Path(path))

@@ -131,6 +131,22 @@ def test_checkpoints_of_other_params_are_discarded(upstream, tmp_path, monkeypat
     assert json.loads((tmp_path / "artifacts" / "prune" / "meta.json").read_text())["resumed_groups"] == 0
 
 
+def test_run_digest_changes_with_the_thread_count():
+    """Float rounding depends on the CPU thread count: a run resumed under another count would not be
+    bit-identical to an uninterrupted one, so its checkpoints must not be reused."""
+    from tasks.resume import run_digest
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_digest({"pruning": {"method": "wanda"}}, [], None)
+        assert run_digest({"pruning": {"method": "wanda"}}, [], None) == one
+        torch.set_num_threads(2)
+        assert run_digest({"pruning": {"method": "wanda"}}, [], None) != one
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_checkpoint_with_another_digest_or_half_written_is_not_used(tmp_path):
     store = ResumeStore(tmp_path / "resume", "a" * 64)
     assert store.open() == 0

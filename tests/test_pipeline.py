@@ -30,6 +30,7 @@ def test_every_stage_writes_its_artifact(wanda_run):
     for stage in STAGES:
         meta = json.loads((artifacts / stage / "meta.json").read_text())
         assert meta["stage"] == stage
+        assert meta["torch"] == torch.__version__ and meta["torch_threads"] == torch.get_num_threads()
     assert (artifacts / "calibrate" / "calibration.safetensors").exists()
     assert (artifacts / "prune" / "model" / "model.safetensors").exists()
     for png in ("allocate/allocation.png", "evaluate/sparsity.png", "evaluate/metrics.png"):
