@@ -16,10 +16,10 @@ scored without pruning again):
 - image-to-text, ``loss``: sample i's answer loss l_i = mean over its answer tokens (+ EOS) of the
   next-token cross-entropy (teacher forcing), objective = -mean_i l_i over the subset, as
   ``make_objective(..., "loss")`` (``adapter.sample_losses``). The SRM value range R is the dense
-  model's -objective on the subset, as in ``make_objective``; ``--bound bernstein`` uses the l_i. ``search acc`` is then the teacher-forced
-  exact match: 1 when every answer token (EOS included) is the argmax; such an answer is exactly
-  what greedy decoding produces, so it is a lower bound of the evaluate stage's ``vqa_accuracy``
-  on the same images (which also accepts e.g. "3." for "3").
+  model's -objective on the subset, as in ``make_objective``; ``--bound bernstein`` uses the l_i.
+  ``search acc`` is then the teacher-forced exact match: 1 when every answer token (EOS included)
+  is the argmax; such an answer is exactly what greedy decoding produces, so it is a lower bound of
+  the evaluate stage's ``vqa_accuracy`` on the same images (which also accepts e.g. "3." for "3").
 
 Search samples come from the training split (``allocation.search.sample_seed``); the smaller sets
 are nested random subsets of the largest. Every pruned model here (baselines included) is pruned
@@ -351,7 +351,8 @@ def penalty_arg(text: str) -> float | tuple[str, float]:
     try:
         value = float(weight)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a weight or BOUND:WEIGHT (e.g. 0.25, bernstein:0.25)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight or BOUND:WEIGHT (e.g. 0.25, "
+                                         "bernstein:0.25)") from None
     return (bound, value) if bound else value
 
 
