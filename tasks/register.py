@@ -101,6 +101,18 @@ def _experiment_id(mlflow, name: str) -> str:
         lambda: mlflow.get_experiment_by_name(name).experiment_id)
 
 
+def rounding_tags(params: RunParams) -> dict[str, str]:
+    """The torch version and CPU thread count of the score and prune stages (from their ``meta.json``):
+    runs that differ in either round differently, so their scores and masks may differ in the last
+    bits (README, "Results")."""
+    tags = {}
+    for stage in ("score", "prune"):
+        meta = stage_dir(params, stage) / "meta.json"
+        recorded = read_json(meta) if meta.exists() else {}
+        tags.update({f"{stage}.{key}": str(recorded[key]) for key in ("torch", "torch_threads") if key in recorded})
+    return tags
+
+
 def router_to_attach(params: RunParams, model_dir: Path) -> tuple[list[Path], dict]:
     """The PAR router files to log beside the registered model, and the ``par_router`` note of
     ``registration.json``. Only a router trained on this very model (``par.model: pruned``, same
@@ -149,6 +161,7 @@ def register(params: RunParams) -> str:
             numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
             mlflow.log_metrics({k.replace("@", "_"): float(v) for k, v in numbers.items()})
             mlflow.set_tag("mask_sha256", metrics["mask_sha256"])
+            mlflow.set_tags(rounding_tags(params))
             for path in (evaluation / "metrics.json", evaluation / "sparsity.png", evaluation / "metrics.png",
                          evaluation / "sparsity_layers.json", stage_dir(params, "allocate") / "allocation.json",
                          stage_dir(params, "allocate") / "allocation.png"):

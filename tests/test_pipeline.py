@@ -119,6 +119,8 @@ def test_registered_version_and_alias(wanda_run):
     assert run.data.metrics["pruned.zero_shot_accuracy"] >= 0
     assert run.data.params["pruning.method"] == "wanda"
     assert run.data.tags["mask_sha256"] == json.loads((artifacts / "evaluate" / "metrics.json").read_text())["mask_sha256"]
+    assert run.data.tags["prune.torch_threads"] == run.data.tags["score.torch_threads"] == str(torch.get_num_threads())
+    assert run.data.tags["prune.torch"] == torch.__version__
     mlflow.set_tracking_uri(params.tracking.uri)
     files = {f.path for f in client.list_artifacts(record["run_id"], "model")}
     assert "model/model.safetensors" in files
