@@ -403,7 +403,8 @@ def write_report(results: list[SuiteResult], out: str | Path, profile: str, comm
         text = header(profile, command, runner, description) + "\n" + text
     report.write_text(text)
     csv_path = out / "results.csv"
-    old_rows = read_csv_rows(csv_path, keep=lambda r: r["suite"] not in {x.name for x in results}) if merge else []
+    rerun = {r.name for r in results}
+    old_rows = read_csv_rows(csv_path, keep=lambda row: row["suite"] not in rerun) if merge else []
     files = [report, write_csv(results, csv_path, old_rows), *files]
     return {"files": [str(f) for f in files], "sections": sections}
 
@@ -420,9 +421,8 @@ def merged_report(old: str, new: str, update: str) -> str:
     head, old_sections = _report_sections(old)
     _, new_sections = _report_sections(new)
     replaced = dict(new_sections)
-    suite_heads = [h for h, _ in old_sections if h.startswith("## Suite ")]
     body = [replaced.pop(h, section) for h, section in old_sections]
-    at = max((i + 1 for i, (h, _) in enumerate(old_sections) if h in suite_heads), default=len(body))
+    at = max((i + 1 for i, (h, _) in enumerate(old_sections) if h.startswith("## Suite ")), default=len(body))
     body[at:at] = [section for h, section in new_sections if h in replaced]
     lines = head.rstrip("\n").split("\n")
     last_item = max((i for i, line in enumerate(lines) if line.startswith("- ")), default=len(lines) - 1)

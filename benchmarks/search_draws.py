@@ -31,7 +31,6 @@ import re
 import statistics
 from pathlib import Path
 
-from benchmarks.search import penalty_arg
 from vlmprune.search.evolution import BOUNDS
 
 SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP",
@@ -124,6 +123,9 @@ def earlier_draws(folders: list[Path]) -> tuple[dict[int, list[dict]], str]:
 
 
 def main() -> None:
+    from benchmarks.common import machine, markdown_table, shell_command
+    from benchmarks.search import Options, penalty_arg, run
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--size", type=int, default=64, help="search samples")
@@ -143,9 +145,6 @@ def main() -> None:
     parser.add_argument("--add", type=Path, nargs="+", default=[], metavar="DIR",
                         help="draw_<d> folders of earlier runs to summarise with the new draws")
     args = parser.parse_args()
-
-    from benchmarks.common import machine, markdown_table, shell_command
-    from benchmarks.search import Options, run
 
     if not args.draws and not args.add:
         raise SystemExit("nothing to summarise: give --draws, --add or both")

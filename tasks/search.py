@@ -51,11 +51,11 @@ class SearchEvaluator:
         device = resolve_device(params.model.device)
         require_in_memory(params, "allocation.method: search")
         adapter, loaded = load_model(params)
-        batches = calibration_batches(params, params.calibration.batch_size, limit=s.calibration_samples)
         if s.bound == "bernstein" and s.objective == "loss" and not has_sample_losses(adapter):
             raise ModelError(f"allocation.search.bound 'bernstein' needs per-sample objective values, and the "
                              f"{adapter.family} family's loss has none (each sample's term depends on its batch): set "
                              f"allocation.search.objective to accuracy or probability, or bound to hoeffding")
+        batches = calibration_batches(params, params.calibration.batch_size, limit=s.calibration_samples)
         samples = adapter.make_calibration(loaded, data_spec(params), s.n_samples, s.sample_seed)
         self.values, self.value_range = make_objective(adapter, loaded, data_spec(params), samples, s.objective,
                                                           s.batch_size, device)

@@ -86,9 +86,11 @@ def make_objective(adapter, loaded, spec, samples: dict[str, torch.Tensor], metr
     n = len(next(iter(samples.values())))
     batches = [{k: v[s:s + batch_size].to(device) for k, v in samples.items()} for s in range(0, n, batch_size)]
 
+    per_sample = has_sample_losses(adapter)
+
     @torch.no_grad()
     def minus_loss(model: nn.Module) -> np.ndarray:
-        if has_sample_losses(adapter):
+        if per_sample:
             return -torch.cat([adapter.sample_losses(model, b).double().cpu() for b in batches]).numpy()
         return np.array([-sum(float(adapter.loss(model, b)) * len(next(iter(b.values()))) for b in batches) / n])
 
