@@ -25,6 +25,14 @@ Modes:
     zeroth_full        zeroth-order, central differences, every perturbed forward runs the whole model
     zeroth_cached      the same estimator, perturbed forwards start at the perturbed block
     zeroth_cached_fwd  cached, forward differences (1 perturbed forward per block instead of 2)
+    zeroth_cached_linear, zeroth_cached_fwd_linear
+                       the two above with the loss linearised at the LM head (``scoring.head: linear``):
+                       perturbed forwards stop at the head
+
+Every zeroth-order mode also reports its finite-difference error: the median and largest relative
+difference of its group scores from sum_b |g_b . z_b|, the same sum over batches with the same
+directions z_b but the true gradients g_b (by backprop, after the measured work): what the scores
+would be without the finite difference.
     prune_wanda        the prune stage after it: Wanda, block by block, 50% in every layer, on
                        ``--prune-samples`` calibration windows of the same length (the preset's 128)
     prune_sparsegpt    the same with SparseGPT
@@ -34,11 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("forward", "first_order", "first_order_ckpt", "zeroth_full", "zeroth_cached", "zeroth_cached_fwd")
+MODES = ("forward", "first_order", "first_order_ckpt", "zeroth_full", "zeroth_cached", "zeroth_cached_fwd",
+         "zeroth_cached_linear", "zeroth_cached_fwd_linear")
 PRUNE_MODES = ("prune_wanda", "prune_sparsegpt")
 CONFIG_PREFIX = "config:"
 
@@ -106,6 +116,9 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
         "zeroth_full": ("zeroth_order", {}),
         "zeroth_cached": ("zeroth_order", blocks),
         "zeroth_cached_fwd": ("zeroth_order", {**blocks, "difference": "forward"}),
+        "zeroth_cached_linear": ("zeroth_order", {**blocks, "head": adapter.loss_head(loaded.model)}),
+        "zeroth_cached_fwd_linear": ("zeroth_order", {**blocks, "difference": "forward",
+                                                      "head": adapter.loss_head(loaded.model)}),
     }
     scores, passes = {}, ""
     with measure() as usage:
@@ -128,7 +141,35 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
             scores = result.group_scores
             passes = f"{result.forward_passes} fwd, {result.backward_passes} bwd"
     peak = usage.peak_cuda_mb if device != "cpu" else usage.peak_rss_mb
-    return {"mode": mode, "wall_s": usage.wall_s, "peak_mb": peak, "passes": passes, "scores": scores}
+    errors = []
+    if mode.startswith("zeroth"):
+        truth = true_scores(loaded.model, groups, adapter.loss, batches)
+        errors = [abs(scores[name] / value - 1) for name, value in truth.items()]
+    return {"mode": mode, "wall_s": usage.wall_s, "peak_mb": peak, "passes": passes, "scores": scores,
+            "errors": errors}
+
+
+def true_scores(model, groups: dict, loss_fn, batches: list[dict], seed: int = 0) -> dict[str, float]:
+    """What zeroth-order group scores (group granularity, one direction, ``seed``) estimate without the
+    finite difference: sum_b |g_b . z_b| with the scorer's own directions z_b and the true gradients g_b
+    of each batch loss (by backprop)."""
+    import torch
+
+    from vlmprune.scorers.base import collect_layers, derived_seed
+    from vlmprune.scorers.zeroth_order import _directions, _units
+
+    units = _units(collect_layers(model, groups), "group")
+    totals = {unit: 0.0 for unit, _ in units}
+    for b, batch in enumerate(batches):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        with torch.no_grad():
+            for unit, members in units:
+                directions = _directions([m.weight for m in members], derived_seed(seed, "group", unit, b, 0))
+                totals[unit] += abs(sum(float(torch.sum(m.weight.grad.double() * z.double()))
+                                        for m, z in zip(members, directions)))
+    model.zero_grad(set_to_none=True)
+    return totals
 
 
 def spearman(a: dict[str, float], b: dict[str, float]) -> float:
@@ -157,7 +198,8 @@ def measure_modes(modes, samples: int, seq_len: int, batch_size: int, threads: i
     return results
 
 
-COLUMNS = ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr"]
+COLUMNS = ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr", "median error",
+           "max error"]
 
 
 def rows_of(results: dict[str, dict]) -> list[dict]:
@@ -173,6 +215,8 @@ def rows_of(results: dict[str, dict]) -> list[dict]:
             row["x forward memory"] = r["peak_mb"] / forward["peak_mb"]
         if reference and r["scores"]:
             row["rank_corr"] = spearman(r["scores"], reference)
+        if r.get("errors"):
+            row["median error"], row["max error"] = statistics.median(r["errors"]), max(r["errors"])
         rows.append(row)
     return rows
 
@@ -189,7 +233,9 @@ def describe(samples: int, seq_len: int, batch_size: int, threads: int, model: s
             f"{batch_size}, on {device}, {threads} torch thread(s); each mode in its own process, model loading "
             f"excluded; {peak} (the resident model included). `x forward`: relative to one plain loss-only forward "
             "pass over the scoring batches; `rank corr`: Spearman correlation of the group scores with those of "
-            f"`zeroth_full` (1.0 = the same ranking).{prune}")
+            f"`zeroth_full` (1.0 = the same ranking); `median error`, `max error`: relative difference of a "
+            "zeroth-order mode's group scores from sum_b |g_b . z_b|, its own directions z_b with the true gradients "
+            f"g_b (what it estimates without the finite difference).{prune}")
 
 
 def suite(profile: str, out: str, samples: int = 8, seq_len: int = 128, batch_size: int = 4, threads: int = 2,

@@ -207,6 +207,11 @@ class ScoringParams(Section):
                              "tensor alone (the reference estimator; about 7x the forwards on a LLaMA block)")
     n_directions: int = Field(1, ge=1, description="zeroth_order: random directions per unit and batch, averaged "
                                                    "(the reference: 1)")
+    head: Literal["exact", "linear"] = Field(
+        "exact", description="zeroth_order: the loss of each perturbed forward computed in full (exact, the "
+                             "reference), or linearised at the input of a language model's output head, so perturbed "
+                             "forwards stop there (linear: needs cache_inputs and a family with an output head: "
+                             "causal_lm, llava, blip2, vision_lm; vlmprune/scorers/zeroth_order.py)")
 
     @field_validator("method")
     @classmethod
@@ -221,6 +226,9 @@ class ScoringParams(Section):
         if self.method == "zeroth_order" and self.difference == "forward" and not self.cache_inputs:
             raise ValueError("scoring.difference 'forward' needs scoring.cache_inputs: true (it reuses the clean "
                              "loss of the cached forward)")
+        if self.method == "zeroth_order" and self.head == "linear" and not self.cache_inputs:
+            raise ValueError("scoring.head 'linear' needs scoring.cache_inputs: true (it takes the loss gradient in "
+                             "the cached clean forward)")
         if self.method == "first_order" and self.norm != "l1" and self.variant != "grad":
             raise ValueError(f"scoring.norm {self.norm!r} applies to scoring.variant 'grad' only (variant is "
                              f"{self.variant!r}); remove scoring.norm or set the variant to grad")

@@ -7,6 +7,7 @@ from prefect import task
 from params import RunParams
 from tasks.common import calibration_batches, calibration_sample, layout, tower_groups
 from tasks.io import atomic_dir, load_model, require_in_memory, stage_dir, write_json, write_meta
+from vlmprune.errors import ModelError
 from vlmprune.outliers import group_outlier_ratios
 from vlmprune.profiling import measure
 from vlmprune.scorers import SCORERS
@@ -15,7 +16,8 @@ from vlmprune.scorers import SCORERS
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
     """First-order: activation checkpointing and the gradient norm. Zeroth-order: the unit perturbed
     together (a group or one tensor) and the directions per batch; the blocks of every tower, so perturbed
-    forwards start at their block; on an offloaded model, the perturbed group is held in place."""
+    forwards start at their block, and with ``scoring.head: linear`` stop at the family's output head; on
+    an offloaded model, the perturbed group is held in place."""
     s = params.scoring
     if s.method == "first_order":
         return {"checkpointing": s.checkpointing, "norm": s.norm}
@@ -27,12 +29,19 @@ def _scorer_options(params: RunParams, adapter, loaded) -> dict:
     if not s.cache_inputs:
         return options
     towers = adapter.towers(loaded.model)
-    return {
+    options = {
         **options,
         "blocks": {name: module for tower in towers for name, module in tower.groups},
         "towers": {tower.name: [name for name, _ in tower.groups] for tower in towers},
         "difference": s.difference,
     }
+    if s.head == "linear":
+        options["head"] = adapter.loss_head(loaded.model)
+        if options["head"] is None:
+            raise ModelError(f"scoring.head 'linear' needs a loss read through one output head; the {adapter.family} "
+                             "family's loss has none (it is built for causal_lm, llava, blip2, vision_lm): use "
+                             "scoring.head: exact")
+    return options
 
 
 @task(name="score")

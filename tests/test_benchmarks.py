@@ -312,19 +312,25 @@ def test_scoring_cost_suite_on_a_tiny_lm(tmp_path, small_threads):
     from tests.tiny import build_tiny_causal_lm, save_tiny
 
     model = save_tiny(*build_tiny_causal_lm(), tmp_path / "lm")
+    modes = ["forward", "first_order", "zeroth_full", "zeroth_cached", "zeroth_cached_linear", "prune_wanda"]
     data = run_script(SCRIPT_SUITES["scoring_cost"], "tiny", str(tmp_path), {
         "samples": 4, "seq_len": 16, "batch_size": 2, "threads": 1, "model": str(model), "isolate": False,
-        "modes": ["forward", "first_order", "zeroth_full", "zeroth_cached", "prune_wanda"], "prune_samples": 6})
+        "modes": modes, "prune_samples": 6})
     rows = {r["mode"]: r for r in data["rows"]}
-    assert list(rows) == ["forward", "first_order", "zeroth_full", "zeroth_cached", "prune_wanda"]
+    assert list(rows) == modes
     assert rows["prune_wanda"]["passes"] == "3 batches of 2"  # the prune stage's own 6 windows
-    assert data["columns"] == ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr"]
+    assert data["columns"] == ["mode", "passes", "wall_s", "peak_mb", "x forward time", "x forward memory", "rank_corr",
+                               "median error", "max error"]
     assert rows["forward"]["x forward time"] == 1.0 and rows["forward"]["passes"] == "2 fwd"
     assert all(r["wall_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
     # central differences over 2 blocks x 2 batches = 8 perturbed forwards; from the perturbed block, the
     # same estimator: the same ranking of the blocks
     assert rows["zeroth_full"]["passes"].startswith("8 fwd") and rows["zeroth_cached"]["rank_corr"] == pytest.approx(1.0)
-    assert "rank_corr" not in rows["forward"]  # the plain forward computes no scores
+    assert rows["zeroth_cached_linear"]["passes"] == rows["zeroth_cached"]["passes"]
+    assert "rank_corr" not in rows["forward"] and "median error" not in rows["first_order"]  # no zeroth-order scores
+    # against sum_b |g_b . z_b| by backprop: central differences of a smooth loss are close, not exact
+    for mode in ("zeroth_full", "zeroth_cached", "zeroth_cached_linear"):
+        assert 0 < rows[mode]["median error"] <= rows[mode]["max error"] < 0.05, mode
 
 
 def test_scoring_cost_builds_a_model_from_a_config_and_prunes_it_on_random_tokens(tmp_path, small_threads):

@@ -397,3 +397,51 @@ def test_cached_zeroth_order_matches_full_forwards(name, family, saved):
         assert runs["while the first tower is perturbed"] == 0
     else:
         assert runs["while the first tower is perturbed"] > 0
+
+
+@pytest.mark.parametrize("name,family", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("blip2", "blip2"),
+                                         ("llava", "llava"), ("vision_lm", "vision_lm"), ("clip", "clip"),
+                                         ("bert", "bert")])
+def test_linear_head_scores_match_the_exact_loss_without_running_the_head(name, family, saved):
+    """scoring.head linear: each family with an output head names it, the head runs only in the clean
+    forwards (once per batch, plus the cache's check), and the scores agree with the exact loss's to
+    rounding (tests/test_scorers.py checks both against the directional derivatives themselves); the
+    contrastive families have no such head and the score stage says so, naming the field."""
+    from tasks.score import _scorer_options
+    from tests.tiny import build_tiny_vision_lm
+    from vlmprune.adapters.base import LoadedModel
+    from vlmprune.errors import ModelError
+    from vlmprune.scorers import SCORERS
+    from vlmprune.sparsity import model_layout
+
+    adapter = ADAPTERS.get(family)()
+    if name == "vision_lm":
+        loaded, data_spec = LoadedModel(*build_tiny_vision_lm()), IMAGE_DATA
+    else:
+        loaded, data_spec = adapter.load(str(saved(name)), torch.float32, "cpu"), BUILDERS[name][2]
+    params = validate({"model": {"family": family}, "scoring": {"head": "linear"}})
+    if family in ("clip", "bert"):
+        assert adapter.loss_head(loaded.model) is None
+        with pytest.raises(ModelError, match=f"scoring.head 'linear' .* the {family} family's loss has none"):
+            _scorer_options(params, adapter, loaded)
+        return
+    options = _scorer_options(params, adapter, loaded)
+    head = options["head"]
+    assert isinstance(head, torch.nn.Linear)
+    data = adapter.make_calibration(loaded, DataSpec(**data_spec), 4, 0)
+    batches = [{k: v[:2] for k, v in data.items()}, {k: v[2:] for k, v in data.items()}]
+    groups = {g.name: g.layers for g in model_layout(loaded.model, adapter.towers(loaded.model))}
+    calls = []
+    handle = head.register_forward_hook(lambda module, args, out: calls.append(1))  # completed calls
+    linear = SCORERS.get("zeroth_order")(loaded.model, groups, adapter.loss, batches, **options)
+    handle.remove()
+    exact = SCORERS.get("zeroth_order")(loaded.model, groups, adapter.loss, batches, **{**options, "head": None})
+    assert len(calls) == len(batches) + len(options["towers"])  # clean forwards and the first batch's checks
+    assert linear.forward_passes == exact.forward_passes
+    # what a central difference of the float32 loss can resolve, summed over batches (eps = 1e-3): below
+    # it the exact loss reads 0 or one rounding step, the linearised one rounding noise of the same size
+    with torch.no_grad():
+        floor = sum(torch.finfo(torch.float32).eps * abs(float(adapter.loss(loaded.model, b))) for b in batches) / 2e-3
+    for group, value in exact.group_scores.items():
+        assert abs(linear.group_scores[group] - value) <= max(2e-3 * value, floor), group
+    assert max(exact.group_scores.values()) > 100 * floor  # not a test of rounding noise alone

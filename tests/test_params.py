@@ -85,3 +85,11 @@ def test_first_order_gradient_norm_reaches_the_scorer_and_applies_to_the_grad_va
         validate({"scoring": {"method": "first_order", "norm": "l2", "variant": "weight_grad"}})
     with pytest.raises(ParamsError, match="scoring.norm"):
         validate({"scoring": {"norm": "l3"}})
+
+
+def test_linear_head_needs_the_block_cache():
+    with pytest.raises(ParamsError, match="scoring.head 'linear' needs scoring.cache_inputs"):
+        validate({"scoring": {"method": "zeroth_order", "head": "linear", "cache_inputs": False}})
+    with pytest.raises(ParamsError, match="scoring.head"):
+        validate({"scoring": {"head": "quadratic"}})
+    assert validate({"scoring": {"head": "linear"}}).scoring.head == "linear"

@@ -685,3 +685,63 @@ def test_two_later_towers_reading_the_perturbed_one_late_each_run_for_real():
             weight.add_(1.0)
             cache.run(lambda: mlp_loss(model, mlp_batches()[0]))
     assert cache.run_for_real == {"b", "c"}
+
+
+# ---------------------------------------------------------------- linearised loss head
+
+
+def directional_truth(model, groups, loss_fn, batches, granularity):
+    """sum_b |g_ub . z_ub| per unit, with the scorer's own directions z (one per unit and batch) and the
+    true gradients g: what the zeroth-order scores estimate, without the finite difference."""
+    from vlmprune.scorers.base import collect_layers, derived_seed
+    from vlmprune.scorers.zeroth_order import _directions, _units
+
+    truth = hand_gradients(model, groups, loss_fn, batches)
+    out = {}
+    for unit, members in _units(collect_layers(model, groups), granularity):
+        out[unit] = 0.0
+        for b, grads in enumerate(truth):
+            directions = _directions([m.weight.detach() for m in members], derived_seed(0, granularity, unit, b, 0))
+            out[unit] += abs(sum(float((grads[m.name].double() * z.double()).sum())
+                                 for m, z in zip(members, directions)))
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["group", "tensor"])
+def test_linear_head_estimates_the_directional_derivatives_at_least_as_well_as_the_loss(granularity):
+    """Central differences of the head's input, weighted by G = dL/dh0, against those of the loss: both
+    estimate g . z; the linearised one drops only the head's curvature (order eps^2 here) and float32's
+    rounding of the loss (about 1e-7 of a loss near 4, which a difference over 2 eps = 2e-3 magnifies to
+    1e-4: larger than some of these tensors' g . z, so the exact loss misses them entirely)."""
+    model = llama(factors=(3.0, 1.0, 0.3))
+    groups, batches, blocks = llama_groups(model), llama_batches(), llama_blocks(model)
+    truth = directional_truth(model, groups, llama_loss, batches, granularity)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(1))  # completed calls
+    runs = {}
+    for head in (None, model.lm_head):
+        calls.clear()
+        result = zeroth_order(model, groups, llama_loss, batches, blocks=blocks, granularity=granularity, head=head)
+        scores = result.group_scores if granularity == "group" else result.layer_scores
+        runs[head is not None] = (max(abs(scores[u] / t - 1) for u, t in truth.items()), len(calls))
+    (exact_error, exact_calls), (linear_error, linear_calls) = runs[False], runs[True]
+    assert linear_error <= exact_error
+    assert linear_error < {"group": 5e-3, "tensor": 0.05}[granularity]
+    assert linear_calls == 2 + 1  # one clean forward per batch and the cache's check: no perturbed forward
+    assert exact_calls == result.forward_passes
+
+
+def test_linear_head_refusals():
+    model = llama()
+    groups, batches, blocks = llama_groups(model), llama_batches(1), llama_blocks(model)
+    with pytest.raises(ValueError, match="head .* pass blocks"):
+        zeroth_order(model, groups, llama_loss, batches, head=model.lm_head)
+
+    def head_twice(model, batch):
+        hidden = model.model(**batch).last_hidden_state
+        return model.lm_head(hidden).logsumexp(-1).mean() + model.lm_head(hidden).mean()
+
+    with pytest.raises(RuntimeError, match="the loss head ran 2 times in one forward"):
+        zeroth_order(model, groups, head_twice, batches, blocks=blocks, head=model.lm_head)
+    with pytest.raises(RuntimeError, match="never called the loss head"):
+        zeroth_order(model, groups, llama_loss, batches, blocks=blocks, head=nn.Linear(2, 2))

@@ -98,6 +98,12 @@ class ModelAdapter(ABC):
         raise NotImplementedError(f"per-sample losses are not built for the {self.family} family (its loss is not a "
                                   "sum of per-sample terms)")
 
+    def loss_head(self, model: nn.Module) -> nn.Module | None:
+        """The module through whose input alone, in one call per forward, the loss reads every block (a
+        language model's output head), or None where there is none (a contrastive loss reads two towers).
+        Zeroth-order scoring may linearise the loss there (``scoring.head: linear``)."""
+        return None
+
     def load_skeleton(self, model_id: str, dtype: torch.dtype) -> tuple[LoadedModel, Path]:
         """The model with every weight on the meta device, and the directory of its safetensors
         checkpoint (for ``runtime.offload: disk``); built for the families that override it."""

@@ -125,6 +125,12 @@ class ImageToTextAdapter(ModelAdapter):
     def sample_losses(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return lm_loss(self.run_full(model, batch).logits, batch["labels"], reduction="sample")
 
+    def loss_head(self, model: nn.Module) -> nn.Module | None:
+        """The language model's output head (``VisionLM`` is a plain module: its ``language_model``'s)."""
+        if hasattr(model, "get_output_embeddings"):
+            return model.get_output_embeddings()
+        return model.language_model.get_output_embeddings()
+
     def _text_ids(self, loaded: LoadedModel, text: str) -> list[int]:
         return tokenizer_of(loaded.processor)(text, add_special_tokens=False)["input_ids"] if text else []
 

@@ -234,6 +234,9 @@ class CausalLMAdapter(ModelAdapter):
     def sample_losses(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return lm_loss(self._logits(model, batch), batch["input_ids"], reduction="sample")
 
+    def loss_head(self, model: nn.Module) -> nn.Module | None:
+        return model.get_output_embeddings()
+
     @staticmethod
     def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
