@@ -89,7 +89,7 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
              data: str = "wikipedia", device: str = "cpu", prune_samples: int = 128) -> dict:
     import torch
 
-    from vlmprune.adapters import ADAPTERS
+    from vlmprune.adapters import ADAPTERS, detect_family
     from vlmprune.profiling import measure
     from vlmprune.pruners import PRUNERS
     from vlmprune.scorers import SCORERS
@@ -97,7 +97,7 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
     from vlmprune.sparsity import model_layout
 
     torch.set_num_threads(threads)
-    adapter = ADAPTERS.get("causal_lm")()
+    adapter = ADAPTERS.get("causal_lm" if model.startswith(CONFIG_PREFIX) else detect_family(model))()
     loaded = load_model(adapter, model, device)
     n, seed = (prune_samples, 1) if mode in PRUNE_MODES else (samples, 0)  # the prune stage has its own sample
     batches = batches_of(make_windows(adapter, loaded, data, n, seq_len, seed), batch_size, device)
@@ -271,8 +271,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + PRUNE_MODES)
     parser.add_argument("--model", default="smollm2",
-                        help=f"a causal LM id or directory, or {CONFIG_PREFIX}FILE.json (random weights)")
-    parser.add_argument("--data", default="wikipedia", help="a text corpus (data.name), or random (token ids)")
+                        help=f"a model id or directory (family detected; causal LMs and the image-to-text families: "
+                             f"pass --data digits for those), or {CONFIG_PREFIX}FILE.json (a causal LM, random weights)")
+    parser.add_argument("--data", default="wikipedia", help="a corpus or image set (data.name), or random (token ids)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--prune-samples", type=int, default=128, help="calibration windows of the prune modes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
