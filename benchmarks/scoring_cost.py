@@ -28,14 +28,14 @@ Modes:
     zeroth_cached_linear, zeroth_cached_fwd_linear
                        the two above with the loss linearised at the LM head (``scoring.head: linear``):
                        perturbed forwards stop at the head
+    prune_wanda        the prune stage after it: Wanda, block by block, 50% in every layer, on
+                       ``--prune-samples`` calibration windows of the same length (the preset's 128)
+    prune_sparsegpt    the same with SparseGPT
 
 Every zeroth-order mode also reports its finite-difference error: the median and largest relative
 difference of its group scores from sum_b |g_b . z_b|, the same sum over batches with the same
 directions z_b but the true gradients g_b (by backprop, after the measured work): what the scores
 would be without the finite difference.
-    prune_wanda        the prune stage after it: Wanda, block by block, 50% in every layer, on
-                       ``--prune-samples`` calibration windows of the same length (the preset's 128)
-    prune_sparsegpt    the same with SparseGPT
 """
 
 from __future__ import annotations
