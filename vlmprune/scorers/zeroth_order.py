@@ -341,7 +341,8 @@ class _HeadProbe:
     forward is measured by the head's input h, stopping there, and a change of h by G . dh."""
 
     def __init__(self, head: nn.Module, clean: Tensor, gradient: Tensor):
-        self.head, self.clean, self.gradient = head, clean, gradient.double().flatten()
+        self.dtype = accumulation_dtype(gradient.device)
+        self.head, self.clean, self.gradient = head, clean, gradient.to(self.dtype).flatten()
 
     @classmethod
     def capture(cls, cache: BlockCache, forward: Callable[[], Tensor], head: nn.Module) -> "_HeadProbe":
@@ -392,8 +393,8 @@ class _HeadProbe:
         raise RuntimeError("scoring.head linear: a perturbed forward never called the loss head")
 
     def change(self, after: Tensor, before: Tensor) -> float:
-        """G . (after - before), accumulated in float64."""
-        return float(torch.dot(self.gradient, (after - before).double().flatten()))
+        """G . (after - before), accumulated in float64 (float32 where the device has none)."""
+        return float(torch.dot(self.gradient, (after - before).to(self.dtype).flatten()))
 
 
 def _weighted(variant: str, d: float, w0: Tensor, z: Tensor) -> float:
