@@ -93,6 +93,7 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
     from vlmprune.profiling import measure
     from vlmprune.pruners import PRUNERS
     from vlmprune.scorers import SCORERS
+    from vlmprune.scorers.zeroth_order import directional_derivative_sums
     from vlmprune.sequential import prune_tower_sequential
     from vlmprune.sparsity import model_layout
 
@@ -108,6 +109,7 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
         with torch.no_grad():
             adapter.loss(loaded.model, batches[0])
         torch.cuda.synchronize()
+    head = adapter.loss_head(loaded.model)
     blocks = {"blocks": {n: m for t in towers for n, m in t.groups},
               "towers": {t.name: [n for n, _ in t.groups] for t in towers}}
     options = {
@@ -116,9 +118,8 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
         "zeroth_full": ("zeroth_order", {}),
         "zeroth_cached": ("zeroth_order", blocks),
         "zeroth_cached_fwd": ("zeroth_order", {**blocks, "difference": "forward"}),
-        "zeroth_cached_linear": ("zeroth_order", {**blocks, "head": adapter.loss_head(loaded.model)}),
-        "zeroth_cached_fwd_linear": ("zeroth_order", {**blocks, "difference": "forward",
-                                                      "head": adapter.loss_head(loaded.model)}),
+        "zeroth_cached_linear": ("zeroth_order", {**blocks, "head": head}),
+        "zeroth_cached_fwd_linear": ("zeroth_order", {**blocks, "difference": "forward", "head": head}),
     }
     scores, passes = {}, ""
     with measure() as usage:
@@ -143,33 +144,10 @@ def run_mode(mode: str, samples: int, seq_len: int, batch_size: int, threads: in
     peak = usage.peak_cuda_mb if device != "cpu" else usage.peak_rss_mb
     errors = []
     if mode.startswith("zeroth"):
-        truth = true_scores(loaded.model, groups, adapter.loss, batches)
+        truth = directional_derivative_sums(loaded.model, groups, adapter.loss, batches)
         errors = [abs(scores[name] / value - 1) for name, value in truth.items()]
     return {"mode": mode, "wall_s": usage.wall_s, "peak_mb": peak, "passes": passes, "scores": scores,
             "errors": errors}
-
-
-def true_scores(model, groups: dict, loss_fn, batches: list[dict], seed: int = 0) -> dict[str, float]:
-    """What zeroth-order group scores (group granularity, one direction, ``seed``) estimate without the
-    finite difference: sum_b |g_b . z_b| with the scorer's own directions z_b and the true gradients g_b
-    of each batch loss (by backprop)."""
-    import torch
-
-    from vlmprune.scorers.base import collect_layers, derived_seed
-    from vlmprune.scorers.zeroth_order import _directions, _units
-
-    units = _units(collect_layers(model, groups), "group")
-    totals = {unit: 0.0 for unit, _ in units}
-    for b, batch in enumerate(batches):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
-        with torch.no_grad():
-            for unit, members in units:
-                directions = _directions([m.weight for m in members], derived_seed(seed, "group", unit, b, 0))
-                totals[unit] += abs(sum(float(torch.sum(m.weight.grad.double() * z.double()))
-                                        for m, z in zip(members, directions)))
-    model.zero_grad(set_to_none=True)
-    return totals
 
 
 def spearman(a: dict[str, float], b: dict[str, float]) -> float:

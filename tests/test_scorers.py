@@ -11,6 +11,7 @@ from torch import nn
 
 from vlmprune.scorers import SCORERS, VARIANTS, ScoreResult
 from vlmprune.scorers.block_cache import BlockCache
+from vlmprune.scorers.zeroth_order import directional_derivative_sums
 
 zeroth_order = SCORERS.get("zeroth_order")
 first_order = SCORERS.get("first_order")
@@ -690,23 +691,6 @@ def test_two_later_towers_reading_the_perturbed_one_late_each_run_for_real():
 # ---------------------------------------------------------------- linearised loss head
 
 
-def directional_truth(model, groups, loss_fn, batches, granularity):
-    """sum_b |g_ub . z_ub| per unit, with the scorer's own directions z (one per unit and batch) and the
-    true gradients g: what the zeroth-order scores estimate, without the finite difference."""
-    from vlmprune.scorers.base import collect_layers, derived_seed
-    from vlmprune.scorers.zeroth_order import _directions, _units
-
-    truth = hand_gradients(model, groups, loss_fn, batches)
-    out = {}
-    for unit, members in _units(collect_layers(model, groups), granularity):
-        out[unit] = 0.0
-        for b, grads in enumerate(truth):
-            directions = _directions([m.weight.detach() for m in members], derived_seed(0, granularity, unit, b, 0))
-            out[unit] += abs(sum(float((grads[m.name].double() * z.double()).sum())
-                                 for m, z in zip(members, directions)))
-    return out
-
-
 @pytest.mark.parametrize("granularity", ["group", "tensor"])
 def test_linear_head_estimates_the_directional_derivatives_at_least_as_well_as_the_loss(granularity):
     """Central differences of the head's input, weighted by G = dL/dh0, against those of the loss: both
@@ -715,7 +699,7 @@ def test_linear_head_estimates_the_directional_derivatives_at_least_as_well_as_t
     1e-4: larger than some of these tensors' g . z, so the exact loss misses them entirely)."""
     model = llama(factors=(3.0, 1.0, 0.3))
     groups, batches, blocks = llama_groups(model), llama_batches(), llama_blocks(model)
-    truth = directional_truth(model, groups, llama_loss, batches, granularity)
+    truth = directional_derivative_sums(model, groups, llama_loss, batches, granularity)
     calls = []
     model.lm_head.register_forward_hook(lambda module, args, out: calls.append(1))  # completed calls
     runs = {}

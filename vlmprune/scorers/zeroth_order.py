@@ -278,6 +278,25 @@ def zeroth_order(
     return ScoreResult(group_scores, per_layer, forward_passes=counts["forwards"], backward_passes=0)
 
 
+def directional_derivative_sums(model: nn.Module, groups: dict[str, dict[str, nn.Module]], loss_fn: LossFn,
+                                batches: list[dict], granularity: str = "group", seed: int = 0) -> dict[str, float]:
+    """What ``zeroth_order`` (``grad`` variant, one direction, ``seed``) estimates without its finite
+    difference: sum_b |g_ub . z_ub| per unit u (group or tensor), with the scorer's own directions z_ub
+    and the true gradients g_ub of each batch loss, by backprop. For checking the estimator."""
+    units = _units(collect_layers(model, groups), granularity)
+    totals = {unit: 0.0 for unit, _ in units}
+    for b, batch in enumerate(batches):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        with torch.no_grad():
+            for unit, members in units:
+                directions = _directions([m.weight for m in members], derived_seed(seed, granularity, unit, b, 0))
+                totals[unit] += abs(sum(float(torch.sum(m.weight.grad.double() * z.double()))
+                                        for m, z in zip(members, directions)))
+    model.zero_grad(set_to_none=True)
+    return totals
+
+
 def _units(layers: list[ScoredLayer], granularity: str) -> list[tuple[str, list[ScoredLayer]]]:
     if granularity == "tensor":
         return [(layer.name, [layer]) for layer in layers]
