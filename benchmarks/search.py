@@ -111,6 +111,20 @@ class Options:
 
 
 def main() -> None:
+    run(options_from())
+
+
+def options_from(argv: list[str] | None = None) -> Options:
+    """:class:`Options` from a command line (``sys.argv`` when None); ``--reuse`` defaults to
+    ``artifacts`` with ``--params params.yaml`` only."""
+    args = arguments().parse_args(argv)
+    if args.reuse is None and args.params == "params.yaml":
+        args.reuse = "artifacts"
+    return Options(**vars(args))
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (its options are the fields of :class:`Options`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.6)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
@@ -133,10 +147,7 @@ def main() -> None:
     parser.add_argument("--bound", choices=BOUNDS, default="hoeffding",
                         help="the SRM penalty (allocation.search.bound) of the searches given a bare weight")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    if args.reuse is None and args.params == "params.yaml":
-        args.reuse = "artifacts"
-    run(Options(**vars(args)))
+    return parser
 
 
 def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batch_size: int, device: str):
@@ -176,93 +187,155 @@ def per_sample_values(adapter, loaded, spec, samples: dict, objective: str, batc
     return answer_values
 
 
+def held_out_images(loaded, spec, max_samples: int | None) -> dict[str, torch.Tensor]:
+    """The evaluate stage's held-out images (dual encoder: the first ``max_samples`` of the test split)
+    with their labels, in the form of search samples, so that the search's own per-sample hook (training
+    templates) can score them."""
+    from vlmprune.data.images import image_split, to_pixel_values
+
+    data, _, test = image_split(spec)
+    test = test[:max_samples] if max_samples else test
+    return {"pixel_values": to_pixel_values(data.images[test], loaded.model.config.image_size),
+            "labels": torch.from_numpy(data.labels[test])}
+
+
+class Bench:
+    """What every run of this benchmark sets up once: params, groups with their ECoFLaP and OWL scores,
+    the model, the search samples, the candidate pruner, and caches of what each allocation measures
+    (keyed by its kept counts per group).
+
+    ``held_out(sparsity)`` gives the evaluate stage's metrics of the pruned model and, for families with
+    an accuracy hook (the dual encoder), ``iid acc``: zero-shot accuracy on the same held-out images with
+    the *training* templates, as the search samples are scored. ``iid gap`` = search acc - iid acc has no
+    template change in it, which the evaluate stage's accuracy has. It still holds the model's own fit
+    to its training split (the search samples come from it; the default model's heads were trained on
+    it), alike for every allocation; a search's iid gap minus its base's is its selection effect, what
+    an SRM bound speaks about.
+    """
+
+    def __init__(self, args: Options):
+        self.args = args
+        self.tmp = tmp = Path(tempfile.mkdtemp(prefix="search-bench-"))
+        common = [f"artifacts={tmp}", f"pruning.sparsity={args.sparsity}", "scoring.method=zeroth_order",
+                  "tracking.enabled=false", f"allocation.search.n_samples={max(args.sizes)}"]
+        self.params = params = load_params(args.params, [*args.overrides, *common, "allocation.method=search"])
+        if not (Path(params.model.id) / "config.json").exists():
+            TASKS["prepare"].fn(params)
+        reuse = Path(args.reuse) if args.reuse else None
+        if reuse is not None and (reuse / "calibrate").exists():  # made with the same params
+            shutil.copytree(reuse / "calibrate", tmp / "calibrate")
+        else:
+            TASKS["calibrate"].fn(params)
+        if reuse is not None and (reuse / "score" / "scores.json").exists() \
+                and read_json(reuse / "score" / "meta.json").get("method") == "zeroth_order":
+            shutil.copytree(reuse / "score", tmp / "zeroth")
+        else:
+            TASKS["score"].fn(params)
+            shutil.move(tmp / "score", tmp / "zeroth")
+        TASKS["score"].fn(load_params(args.params, [*args.overrides, *common, "scoring.method=none",
+                                                    "allocation.method=owl"]))
+        ratios = {g["name"]: g["outlier_ratio"] for g in read_json(tmp / "score" / "scores.json")["groups"]}
+        scores = read_json(tmp / "zeroth" / "scores.json")
+        self.groups = [GroupInfo(g["name"], g["tower"], g["n_params"], g["score"], ratios[g["name"]])
+                       for g in scores["groups"]]
+        self.layers = {g["name"]: list(g["layers"]) for g in scores["groups"]}
+        self.tower_names = list(dict.fromkeys(g.tower for g in self.groups))
+
+        self.device = device = resolve_device(params.model.device)
+        self.spec = spec = data_spec(params)
+        self.adapter, self.loaded = adapter, loaded = load_model(params)
+        self.held_metric = "zero_shot_accuracy" if adapter.family == "dual_encoder" else "vqa_accuracy"
+        self.draw_samples(params.allocation.search.sample_seed, args.seed)
+        hook = ACCURACY_HOOKS.get(adapter.family)
+        self.iid_values = None if hook is None else hook(
+            loaded, spec, held_out_images(loaded, spec, params.evaluation.max_samples),
+            params.evaluation.batch_size, device)
+        towers = adapter.towers(loaded.model)
+        self.worker = CandidatePruner(loaded.model, towers, model_layout(loaded.model, towers),
+                                      calibration_batches(params, params.calibration.batch_size,
+                                                          args.calibration_samples),
+                                      make_pruner(params), None)
+        granularity = int(args.granularity) if args.granularity.isdigit() else args.granularity
+        self.space = PolicySpace(self.groups, args.sparsity, granularity, tuple(params.allocation.search.bases),
+                                 params.allocation.search.step, params.allocation.s_max)
+        self.held_cache: dict[tuple | None, dict[str, float]] = {}
+
+    def draw_samples(self, sample_seed: int, seed: int) -> None:
+        """Draw the search samples (``allocation.search.sample_seed``) and their nested subsets (``seed``),
+        and forget the per-sample values measured on earlier ones (held-out metrics stay)."""
+        args, params = self.args, self.params
+        samples = self.adapter.make_calibration(self.loaded, self.spec, max(args.sizes), sample_seed)
+        self.values_of = per_sample_values(self.adapter, self.loaded, self.spec, samples, args.objective,
+                                           params.allocation.search.batch_size, self.device)
+        order = np.random.default_rng(seed).permutation(max(args.sizes))
+        self.subsets = {n: torch.from_numpy(order[:n]) for n in args.sizes}
+        self.cache: dict[tuple, tuple[dict[str, torch.Tensor], float]] = {}
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Group sparsities of uniform, OWL and ECoFLaP (zeroth-order scores) at the target."""
+        params, target = self.params, self.args.sparsity
+        return {
+            "uniform": ALLOCATORS.get("uniform")(self.groups, target),
+            "owl": ALLOCATORS.get("owl")(self.groups, target, lam=params.allocation.owl.lam,
+                                         weighted=params.allocation.owl.weighted),
+            "ecoflap (zeroth)": ALLOCATORS.get("ecoflap")(self.groups, target, s_max=params.allocation.s_max),
+        }
+
+    def key(self, sparsity: dict[str, float]) -> tuple:
+        return tuple(round(g.n_params * sparsity[g.name]) for g in self.groups)
+
+    def prune(self, sparsity: dict[str, float]) -> None:
+        self.worker.prune({layer: sparsity[g] for g, names in self.layers.items() for layer in names})
+
+    def per_sample(self, sparsity: dict[str, float]) -> tuple[dict[str, torch.Tensor], float]:
+        """The per-sample values of the pruned model on the search samples, and the seconds it took."""
+        k = self.key(sparsity)
+        if k not in self.cache:
+            t = time.perf_counter()
+            self.prune(sparsity)
+            self.cache[k] = (self.values_of(self.loaded.model), time.perf_counter() - t)
+            self.worker.restore()
+        return self.cache[k]
+
+    def held_out(self, sparsity: dict[str, float] | None = None) -> dict[str, float]:
+        """The evaluate stage's metrics (and ``iid acc``, see the class) of the pruned model; None: dense."""
+        k = self.key(sparsity) if sparsity is not None else None
+        if k not in self.held_cache:
+            if sparsity is not None:
+                self.prune(sparsity)
+            params, model = self.params, self.loaded.model
+            metrics = self.adapter.evaluate(LoadedModel(model, self.loaded.processor), self.spec,
+                                            params.evaluation.batch_size, params.evaluation.max_samples,
+                                            self.device)[0]
+            if self.iid_values is not None:
+                iid = self.iid_values(model)
+                metrics.update({"iid acc": float(iid["accuracy"].double().mean()),
+                                "iid prob": float(iid["probability"].double().mean())})
+            self.held_cache[k] = metrics
+            self.worker.restore()
+        return self.held_cache[k]
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def run(args: Options) -> list[dict]:
     """Baselines and searches as described in the module docstring; writes the Markdown table (and the
     candidates) under ``args.out`` and returns the rows (the first is the dense model)."""
     started = time.perf_counter()
-    granularity = int(args.granularity) if args.granularity.isdigit() else args.granularity
     evaluations = args.rounds * args.population
-
-    tmp = Path(tempfile.mkdtemp(prefix="search-bench-"))
-    common = [f"artifacts={tmp}", f"pruning.sparsity={args.sparsity}", "scoring.method=zeroth_order",
-              "tracking.enabled=false", f"allocation.search.n_samples={max(args.sizes)}"]
-    params = load_params(args.params, [*args.overrides, *common, "allocation.method=search"])
-    if not (Path(params.model.id) / "config.json").exists():
-        TASKS["prepare"].fn(params)
-    reuse = Path(args.reuse) if args.reuse else None
-    if reuse is not None and (reuse / "calibrate").exists():  # made with the same params
-        shutil.copytree(reuse / "calibrate", tmp / "calibrate")
-    else:
-        TASKS["calibrate"].fn(params)
-    if reuse is not None and (reuse / "score" / "scores.json").exists() \
-            and read_json(reuse / "score" / "meta.json").get("method") == "zeroth_order":
-        shutil.copytree(reuse / "score", tmp / "zeroth")
-    else:
-        TASKS["score"].fn(params)
-        shutil.move(tmp / "score", tmp / "zeroth")
-    TASKS["score"].fn(load_params(args.params, [*args.overrides, *common, "scoring.method=none",
-                                                "allocation.method=owl"]))
-    ratios = {g["name"]: g["outlier_ratio"] for g in read_json(tmp / "score" / "scores.json")["groups"]}
-    scores = read_json(tmp / "zeroth" / "scores.json")
-    groups = [GroupInfo(g["name"], g["tower"], g["n_params"], g["score"], ratios[g["name"]]) for g in scores["groups"]]
-    layers = {g["name"]: list(g["layers"]) for g in scores["groups"]}
-    tower_names = list(dict.fromkeys(g.tower for g in groups))
-
-    device = resolve_device(params.model.device)
-    spec = data_spec(params)
-    adapter, loaded = load_model(params)
+    bench = Bench(args)
+    adapter, groups, tower_names, space = bench.adapter, bench.groups, bench.tower_names, bench.space
+    subsets, per_sample, held_out = bench.subsets, bench.per_sample, bench.held_out
     label = "the default dual encoder" if adapter.family == "dual_encoder" else f"the {adapter.family} model"
-    held_metric = "zero_shot_accuracy" if adapter.family == "dual_encoder" else "vqa_accuracy"
     loss_objective = args.objective == "loss"
-    samples = adapter.make_calibration(loaded, spec, max(args.sizes), params.allocation.search.sample_seed)
-    values_of = per_sample_values(adapter, loaded, spec, samples, args.objective,
-                                  params.allocation.search.batch_size, device)
-    towers = adapter.towers(loaded.model)
-    worker = CandidatePruner(loaded.model, towers, model_layout(loaded.model, towers),
-                             calibration_batches(params, params.calibration.batch_size, args.calibration_samples),
-                             make_pruner(params), None)
-    order = np.random.default_rng(args.seed).permutation(max(args.sizes))
-    subsets = {n: torch.from_numpy(order[:n]) for n in args.sizes}
-    space = PolicySpace(groups, args.sparsity, granularity, tuple(params.allocation.search.bases),
-                        params.allocation.search.step, params.allocation.s_max)
-
-    cache: dict[tuple, tuple[dict[str, torch.Tensor], float]] = {}
-    held_cache: dict[tuple, dict[str, float]] = {}
-
-    def key(sparsity):
-        return tuple(round(g.n_params * sparsity[g.name]) for g in groups)
-
-    def prune(sparsity):
-        worker.prune({layer: sparsity[g] for g, names in layers.items() for layer in names})
-
-    def per_sample(sparsity):
-        k = key(sparsity)
-        if k not in cache:
-            t = time.perf_counter()
-            prune(sparsity)
-            cache[k] = (values_of(loaded.model), time.perf_counter() - t)
-            worker.restore()
-        return cache[k]
-
-    def held_out(sparsity=None):
-        k = key(sparsity) if sparsity is not None else None
-        if k not in held_cache:
-            if sparsity is not None:
-                prune(sparsity)
-            held_cache[k] = adapter.evaluate(LoadedModel(loaded.model, loaded.processor), spec,
-                                             params.evaluation.batch_size, params.evaluation.max_samples,
-                                             device)[0]
-            worker.restore()
-        return held_cache[k]
 
     def measures(values, held, n):
         """The row's search-set and held-out columns; ``values``: per-sample values of the allocation."""
         subset = subsets[n]
-        out = {"search acc": float(values["accuracy"][subset].mean())}
-        if args.objective == "probability":
-            out["search prob"] = float(values["objective"][subset].mean())
+        out = search_columns(values, subset, args.objective)
         if held is not None:
-            out.update({"held-out acc": held[held_metric], "gap": out["search acc"] - held[held_metric]})
+            out.update(held_out_columns(out["search acc"], held, bench.held_metric, out.get("search prob")))
         if loss_objective:
             out["search loss"] = -float(values["objective"][subset].mean())
             if held is not None:
@@ -279,17 +352,12 @@ def run(args: Options) -> list[dict]:
         return out
 
     ref = 64 if 64 in args.sizes else max(args.sizes)
-    dense_values = values_of(loaded.model)
+    dense_values = bench.values_of(bench.loaded.model)
     dense_held = None if args.trial else held_out()
     rows = [{"method": "dense", "n": ref, **measures(dense_values, dense_held, ref)}]
     print(json.dumps(rows[-1]), flush=True)
     log = []
-    baselines = {
-        "uniform": ALLOCATORS.get("uniform")(groups, args.sparsity),
-        "owl": ALLOCATORS.get("owl")(groups, args.sparsity, lam=params.allocation.owl.lam,
-                                     weighted=params.allocation.owl.weighted),
-        "ecoflap (zeroth)": ALLOCATORS.get("ecoflap")(groups, args.sparsity, s_max=params.allocation.s_max),
-    }
+    baselines = bench.baselines()
     if args.trial:
         baselines.pop("owl")
     stem = "search" if adapter.family == "dual_encoder" else f"search_{adapter.family}"
@@ -305,14 +373,14 @@ def run(args: Options) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     if args.trial:
         write(text_path, *context, rows)
-        shutil.rmtree(tmp, ignore_errors=True)
+        bench.close()
         return rows
 
     for n in args.sizes:
         # SRM value range R: 1 for accuracies/probabilities; the dense loss on the subset for the loss
         value_range = -float(dense_values["objective"][subsets[n]].mean()) if loss_objective else 1.0
         for bound, weight in args.searches():
-            before, t = len(cache), time.perf_counter()
+            before, t = len(bench.cache), time.perf_counter()
             cost = 0.0
 
             def evaluate_many(policies, n=n):
@@ -331,7 +399,7 @@ def run(args: Options) -> list[dict]:
             rows.append({"method": f"search ({penalty_label(weight, bound)})", "n": n,
                          **towers_of(best.sparsity), **measures(per_sample(best.sparsity)[0], held_out(best.sparsity), n),
                          "penalty": best.penalty, "chosen": f"{best.policy.base} {list(best.policy.q)}",
-                         "new": len(cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
+                         "new": len(bench.cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
             log.append([{"index": c.index, "round": c.round, "policy": c.policy.label(), "objective": c.objective,
                          "penalty": c.penalty} for c in result.candidates])
             print(json.dumps(rows[-1]), flush=True)
@@ -339,8 +407,31 @@ def run(args: Options) -> list[dict]:
     write(text_path, *context, rows)
     candidates = "search_candidates.json" if stem == "search" else f"{stem}_candidates.json"
     (Path(args.out) / candidates).write_text(json.dumps(log, indent=1) + "\n")
-    shutil.rmtree(tmp, ignore_errors=True)
+    bench.close()
     return rows
+
+
+def search_columns(values: dict[str, torch.Tensor], subset: torch.Tensor, objective: str) -> dict[str, float]:
+    """``search acc`` (and with the ``probability`` objective ``search prob``) of per-sample ``values``
+    on a subset of the search samples."""
+    out = {"search acc": float(values["accuracy"][subset].mean())}
+    if objective == "probability":
+        out["search prob"] = float(values["objective"][subset].mean())
+    return out
+
+
+def held_out_columns(search_acc: float, held: dict[str, float], held_metric: str,
+                     search_prob: float | None = None) -> dict[str, float]:
+    """``held-out acc`` and ``gap`` = search acc - held-out acc; with ``iid acc`` in ``held`` (see
+    :class:`Bench`) also ``iid acc`` and ``iid gap`` = search acc - iid acc, and given the search
+    samples' mean correct-class probability, ``iid prob gap`` = search prob - iid prob (the same gap in
+    the ``probability`` objective, continuous where accuracy moves in steps of one sample)."""
+    out = {"held-out acc": held[held_metric], "gap": search_acc - held[held_metric]}
+    if "iid acc" in held:
+        out.update({"iid acc": held["iid acc"], "iid gap": search_acc - held["iid acc"]})
+        if search_prob is not None:
+            out.update({"iid prob": held["iid prob"], "iid prob gap": search_prob - held["iid prob"]})
+    return out
 
 
 def penalty_arg(text: str) -> float | tuple[str, float]:
@@ -367,6 +458,8 @@ def penalty_label(weight: float, bound: str = "hoeffding") -> str:
 
 def write(path: Path, args, label, tower_names, space, evaluations, started, rows) -> None:
     columns = ["method", "n", *tower_names, "overall", "search acc", "held-out acc", "gap"]
+    if "iid acc" in rows[0]:
+        columns += ["iid acc", "iid gap"]
     if args.objective == "probability":
         columns.insert(columns.index("search acc") + 1, "search prob")
     if args.objective == "loss":
@@ -395,7 +488,8 @@ def describe(args: Options, label: str, space, evaluations: int) -> str:
                                   "class)" if args.objective == "probability" else " (the search objective)")
                   + ";\n`held-out acc`: the evaluate stage's zero-shot accuracy (held-out digits, evaluation-only "
                   "templates);\n`gap` = search acc - held-out acc (the template change is part of it, equally for "
-                  "every row).\n")
+                  "every row);\n`iid acc`: zero-shot accuracy on the same held-out digits with the training templates "
+                  "(no template change), `iid gap` = search acc - iid acc.\n")
     return (f"Policy search on {label} at {args.sparsity:.0%} overall sparsity, Wanda, every tower.\n{search}"
             f"Search: {len(space.names)} components ({', '.join(space.names)}), step {space.step}, "
             f"bases uniform + ECoFLaP, {args.rounds} rounds x {args.population} = {evaluations} evaluations, "
@@ -404,8 +498,8 @@ def describe(args: Options, label: str, space, evaluations: int) -> str:
             "calibration samples.")
 
 
-COLUMNS = ["method", "n", "vision", "text", "overall", "search acc", "held-out acc", "gap", "penalty", "chosen", "new",
-           "cost s"]
+COLUMNS = ["method", "n", "vision", "text", "overall", "search acc", "held-out acc", "gap", "iid acc", "iid gap",
+           "penalty", "chosen", "new", "cost s"]
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -445,7 +539,9 @@ def suite(profile: str, out: str, model: str | None = None, params: str | None =
     dense, rows = rows[0], rows[1:]
     notes = [(f"`search acc`: zero-shot accuracy on the search samples (training split, training prompt templates; "
              f"the search maximises {objective} there); `held-out acc`: the evaluate stage's zero-shot accuracy "
-             "(held-out digits, evaluation-only templates); `gap` = search acc - held-out acc; `penalty`: the SRM "
+             "(held-out digits, evaluation-only templates); `gap` = search acc - held-out acc; `iid acc`: the same "
+             "held-out digits with the training templates (the search samples' distribution), `iid gap` = search acc "
+             "- iid acc (without the template change); `penalty`: the SRM "
              "penalty; `new`: "
              "candidates a search pruned itself (the others were cached from an earlier search); `cost s`: what the "
              f"search would have taken alone. {rounds} rounds x {population} candidates, components of "

@@ -21,6 +21,16 @@ Each draw's full table (and its rows, ``rows.json``) goes to ``<out>/search_draw
 new ones, so that more draws can be added later without running the old ones again; ``--draws`` may then
 be empty. Every draw must have run the same search: the ``Command:`` lines of the draws' tables must be
 equal once the draw's own seeds are taken out, and no draw number may come twice.
+
+The ``iid gap`` (search-set accuracy minus accuracy on the held-out digits with the *training* templates,
+as the search samples are scored: the gap without the template change, see
+:class:`benchmarks.search.Bench`) is measured by
+:mod:`benchmarks.search` since 2026-11-23. ``--iid`` measures it for ``--add`` draws that ran before:
+each row's allocation is rebuilt (the baselines, or the search's ``chosen`` policy), pruned again and
+measured on the draw's search samples and on the held-out digits; ``iid acc`` / ``iid gap`` go to the
+folder's ``iid.json``, which the summary reads beside ``rows.json``, with the search and held-out
+accuracies measured again; the summary says in how many rows they equal the draw's own (the same
+model; on another machine a few pruned weights may differ).
 """
 
 from __future__ import annotations
@@ -28,54 +38,74 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 from pathlib import Path
 
+from tqdm import tqdm
+
+from vlmprune.search import Policy
 from vlmprune.search.evolution import BOUNDS
 
-SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "beats ECoFLaP",
-                   "chosen steps", "keeps its base"]
+IID_GAPS = ["iid gap", "iid prob gap"]  # measured since 2026-11-23 (module docstring)
+SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "iid gap mean",
+                   "iid gap sd", "iid prob gap mean", "iid prob gap sd", "beats ECoFLaP", "chosen steps",
+                   "keeps its base"]
 PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "smaller", "equal", "larger",
                   "held-out diff mean", "held-out diff se"]
 UNPENALISED = "search (no penalty)"
+IID_NOTE = ("; `iid gap` = search-set accuracy - accuracy on the held-out digits with the training templates "
+            "(the gap without the template change); `iid prob gap`: the same for the mean probability of the "
+            "correct class (the search's objective; continuous, where accuracy moves by one sample)")
+
+
+def chosen_policy(chosen: str) -> Policy:
+    """The policy a search row names in its ``chosen`` column, e.g. ``"ecoflap [1, -2, 0]"``."""
+    base, _, offsets = chosen.partition(" [")
+    return Policy(base, tuple(int(v) for v in re.findall(r"-?\d+", offsets)))
 
 
 def steps(chosen: str) -> int:
-    """How far a chosen policy lies from its base: the sum of |offsets| in ``"ecoflap [1, -2, 0]"``."""
-    return sum(abs(int(v)) for v in re.findall(r"-?\d+", chosen.split("[", 1)[1]))
+    """How far a chosen policy lies from its base: the sum of |offsets| (grid steps)."""
+    return chosen_policy(chosen).complexity
 
 
 def summarize(draws: dict[int, list[dict]]) -> list[dict]:
     """One row per method (dense left out) over the draws' result rows (as :func:`benchmarks.search.run`
     returns them): held-out accuracy and gap, mean and sample standard deviation, in how many draws
     the held-out accuracy is above ECoFLaP's of the same draw, and for the searches the mean distance
-    of the chosen policy from its base (grid steps) and in how many draws it is the base itself."""
-    per_method: dict[str, list[tuple[float, float, bool, int | None]]] = {}
+    of the chosen policy from its base (grid steps) and in how many draws it is the base itself. The
+    ``iid gap`` and ``iid prob gap`` columns only where every draw has them (module docstring)."""
+    per_method: dict[str, list[dict]] = {}
     for rows in draws.values():
         ecoflap = next(r for r in rows if r["method"].startswith("ecoflap"))
         for r in rows:
             if r["method"] != "dense":
-                beats = r["held-out acc"] > ecoflap["held-out acc"]
-                distance = steps(r["chosen"]) if r.get("chosen") else None
-                per_method.setdefault(r["method"], []).append((r["held-out acc"], r["gap"], beats, distance))
+                per_method.setdefault(r["method"], []).append(
+                    {**r, "beats": r["held-out acc"] > ecoflap["held-out acc"],
+                     "distance": steps(r["chosen"]) if r.get("chosen") else None})
     summary = []
-    for method, values in per_method.items():
-        held, gaps, distances = [v[0] for v in values], [v[1] for v in values], [v[3] for v in values]
-        spread = statistics.stdev if len(values) > 1 else (lambda _: 0.0)
+    for method, rows in per_method.items():
+        spread = statistics.stdev if len(rows) > 1 else (lambda _: 0.0)
+        distances = [r["distance"] for r in rows]
         searched = None not in distances
-        summary.append({"method": method, "draws": len(values), "held-out mean": statistics.mean(held),
-                        "held-out sd": spread(held), "gap mean": statistics.mean(gaps), "gap sd": spread(gaps),
-                        "beats ECoFLaP": f"{sum(v[2] for v in values)}/{len(values)}",
+        summary.append({"method": method, "draws": len(rows),
+                        "beats ECoFLaP": f"{sum(r['beats'] for r in rows)}/{len(rows)}",
                         "chosen steps": statistics.mean(distances) if searched else "",
-                        "keeps its base": f"{distances.count(0)}/{len(values)}" if searched else ""})
+                        "keeps its base": f"{distances.count(0)}/{len(rows)}" if searched else ""})
+        for column, name in [("held-out acc", "held-out"), ("gap", "gap"), *((g, g) for g in IID_GAPS)]:
+            if all(column in r for r in rows):
+                values = [r[column] for r in rows]
+                summary[-1].update({f"{name} mean": statistics.mean(values), f"{name} sd": spread(values)})
     return summary
 
 
-def paired_gaps(draws: dict[int, list[dict]]) -> list[dict]:
+def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
     """Each penalised search against the unpenalised one of the same draw (same search samples): the
-    difference of their gaps (penalised - unpenalised), its mean and standard error over the draws
-    (sample sd / sqrt(draws)), in how many draws the penalised gap is smaller, equal or larger, and
-    the same mean and standard error for the difference of their held-out accuracies."""
+    difference of their gaps (penalised - unpenalised; ``gap``: the column, ``gap`` or ``iid gap``), its
+    mean and standard error over the draws (sample sd / sqrt(draws)), in how many draws the penalised
+    gap is smaller, equal or larger, and the same mean and standard error for the difference of their
+    held-out accuracies."""
     differences: dict[str, list[tuple[float, float]]] = {}
     for rows in draws.values():
         by_method = {r["method"]: r for r in rows}
@@ -84,7 +114,7 @@ def paired_gaps(draws: dict[int, list[dict]]) -> list[dict]:
         base = by_method[UNPENALISED]
         for method, r in by_method.items():
             if method.startswith("search (") and method != UNPENALISED:
-                differences.setdefault(method, []).append((r["gap"] - base["gap"],
+                differences.setdefault(method, []).append((r[gap] - base[gap],
                                                            r["held-out acc"] - base["held-out acc"]))
     out = []
     for method, pairs in differences.items():
@@ -116,10 +146,64 @@ def earlier_draws(folders: list[Path]) -> tuple[dict[int, list[dict]], str]:
         command = re.sub(r" -S allocation\.search\.sample_seed=\d+| --seed \d+", "", line)[len("Command: "):]
         commands.setdefault(command, []).append(draw)
         draws[draw] = json.loads((folder / "rows.json").read_text())
+        if (folder / "iid.json").exists():
+            iid = json.loads((folder / "iid.json").read_text())
+            for row in draws[draw]:
+                row.update(iid[row["method"]])
     if len(commands) > 1:
         listed = "\n".join(f"  draws {sorted(d)}: {c}" for c, d in commands.items())
         raise SystemExit(f"--add: the draws ran different searches:\n{listed}")
     return draws, next(iter(commands), "")
+
+
+def measure_iid(folders: list[Path]) -> None:
+    """``iid.json`` for each draw folder that has neither it nor the ``iid gap`` column (module docstring).
+
+    Each row's allocation is pruned again and measured on the draw's own search samples and on the
+    held-out digits, so that ``iid gap`` = search acc - iid acc compares two accuracies of one model;
+    the search and held-out accuracies measured again are kept beside (``search acc again``,
+    ``held-out acc again``) to show whether the models are those of the draw (:func:`reproduction`)."""
+    from benchmarks.search import Bench, held_out_columns, options_from, search_columns
+
+    todo = [f for f in folders if not (f / "iid.json").exists()
+            and "iid gap" not in json.loads((f / "rows.json").read_text())[0]]
+    if not todo:
+        return
+    _, ran = earlier_draws(todo)
+    bench = Bench(options_from(shlex.split(ran)[3:]))  # after "python -m benchmarks.search"
+    baselines = bench.baselines()
+    try:
+        for folder in tqdm(todo, desc="iid gaps"):
+            draw = int(folder.name.removeprefix("draw_"))
+            bench.draw_samples(draw, draw)  # as the draw ran: sample_seed = seed = d
+            iid = {}
+            for row in json.loads((folder / "rows.json").read_text()):
+                method = row["method"]
+                sparsity = None if method == "dense" else baselines.get(method)
+                if row.get("chosen"):
+                    sparsity = bench.space.sparsity(chosen_policy(row["chosen"]))
+                values = bench.values_of(bench.loaded.model) if sparsity is None else bench.per_sample(sparsity)[0]
+                search = search_columns(values, bench.subsets[row["n"]], bench.args.objective)
+                held = bench.held_out(sparsity)
+                columns = held_out_columns(search["search acc"], held, bench.held_metric, search.get("search prob"))
+                iid[method] = {**{k: v for k, v in columns.items() if k.startswith("iid")},
+                               "search acc again": search["search acc"], "held-out acc again": held[bench.held_metric]}
+            (folder / "iid.json").write_text(json.dumps(iid, indent=1) + "\n")
+    finally:
+        bench.close()
+
+
+def reproduction(draws: dict[int, list[dict]]) -> str:
+    """How many rows measured again (``--iid``) gave the draw's own search and held-out accuracies, and
+    the largest difference otherwise."""
+    again = [r for rows in draws.values() for r in rows if "held-out acc again" in r]
+    if not again:
+        return ""
+    differences = [max(abs(r["search acc again"] - r["search acc"]), abs(r["held-out acc again"] - r["held-out acc"]))
+                   for r in again]
+    return (f"Rows measured again for the iid gap (`--iid`, each allocation pruned again): {differences.count(0)} of "
+            f"{len(again)} give the draw's own search and held-out accuracies exactly; the largest difference of the "
+            f"others is {max(differences):.4f}. The iid gap compares accuracies of the model pruned again.\n")
 
 
 def main() -> None:
@@ -144,10 +228,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--add", type=Path, nargs="+", default=[], metavar="DIR",
                         help="draw_<d> folders of earlier runs to summarise with the new draws")
+    parser.add_argument("--iid", action="store_true",
+                        help="measure the iid gap of --add draws that ran without it (module docstring)")
     args = parser.parse_args()
 
     if not args.draws and not args.add:
         raise SystemExit("nothing to summarise: give --draws, --add or both")
+    if args.iid:
+        measure_iid(args.add)
     draws, _ = earlier_draws(args.add)
     if overlap := sorted(set(draws) & set(args.draws)):
         raise SystemExit(f"--draws {overlap} are already in the --add folders")
@@ -164,22 +252,28 @@ def main() -> None:
     folders = [*args.add, *(Path(args.out) / "search_draws" / f"draw_{d}" for d in args.draws)]
     _, ran = earlier_draws(folders)  # the new draws ran the same search as the added ones
     if args.draws:
-        options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add")}
+        options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add", "iid")}
         command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)
     else:  # a summary of earlier draws only: the search options above would not be what ran
         command = "python -m benchmarks.search_draws --draws"
     command += f" --add {' '.join(map(str, args.add))}" if args.add else ""
+    command += " --iid" if args.iid else ""
+    iid = all("iid gap" in r for rows in draws.values() for r in rows)
     numbers = sorted(draws)
     text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(numbers)} draws of "
             f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
-            f"whose held-out accuracy is above ECoFLaP's. Per-draw tables: `search_draws/draw_<d>/`"
+            f"whose held-out accuracy is above ECoFLaP's"
+            f"{IID_NOTE if iid else ''}. "
+            f"Per-draw tables: `search_draws/draw_<d>/`"
             f"{' and the --add folders' if args.add else ''}.\n"
             f"Machine: {machine()}.\nCommand: {command}\n"
-            f"Each draw d ran: {ran} --seed d -S allocation.search.sample_seed=d\n\n"
+            f"Each draw d ran: {ran} --seed d -S allocation.search.sample_seed=d\n{reproduction(draws)}\n"
             f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n\n"
             f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"
-            f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n")
+            f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n"
+            + "".join(f"\nThe same for the {gap}:\n\n{markdown_table(paired_gaps(draws, gap), PAIRED_COLUMNS)}\n"
+                      for gap in IID_GAPS if all(gap in r for rows in draws.values() for r in rows)))
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "search_draws.md").write_text(text)

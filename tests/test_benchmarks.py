@@ -439,9 +439,56 @@ def test_search_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, 
         (f"search ({label})", n) for n in (8, 16) for label in ("penalty", "bernstein x0.25", "no penalty")]
     assert all(r["overall"] == pytest.approx(0.6, abs=0.01) for r in data["rows"])  # every allocation keeps 60%
     assert all(r["gap"] == pytest.approx(r["search acc"] - r["held-out acc"]) for r in data["rows"])
+    assert all(r["iid gap"] == pytest.approx(r["search acc"] - r["iid acc"]) for r in data["rows"])
     assert data["dense"]["method"] == "dense" and 0 <= data["dense"]["held-out acc"] <= 1
     assert (tmp_path / "search" / "search_probability.md").exists()
 
+
+
+def test_search_draws_measures_the_iid_gap_of_earlier_draws_again(tiny_dual_encoder_dir, tmp_path, small_threads):
+    import torch
+
+    from benchmarks.search import Options, run
+    from benchmarks.search_draws import earlier_draws, measure_iid, reproduction
+    from tasks.io import data_spec
+    from vlmprune.adapters.dual_encoder import DualEncoderAdapter
+    from vlmprune.data.images import image_split
+    from vlmprune.evaluators.zero_shot import class_embeddings, embed_images, zero_shot_accuracy
+
+    params = tiny_params(tiny_dual_encoder_dir, tmp_path / "unused", tracking={"enabled": False})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    folder = tmp_path / "draw_3"
+    rows = run(Options(sparsity=0.6, sizes=[16], rounds=1, population=3, granularity="2", calibration_samples=8,
+                       seed=3, objective="probability", params=str(tmp_path / "params.yaml"), reuse=None,
+                       out=str(folder), penalties=[0.5, 0.0], overrides=["allocation.search.sample_seed=3"]))
+    assert all(r["iid gap"] == pytest.approx(r["search acc"] - r["iid acc"]) for r in rows)
+    assert all(r["iid prob gap"] == pytest.approx(r["search prob"] - r["iid prob"]) for r in rows)
+    # iid acc: the evaluate stage's zero-shot accuracy, computed here with the training templates instead
+    adapter = DualEncoderAdapter()
+    loaded = adapter.load(str(tiny_dual_encoder_dir), torch.float32, "cpu")
+    data, _, test = image_split(data_spec(params))
+    test = test[:params.evaluation.max_samples] if params.evaluation.max_samples else test
+    with torch.no_grad():
+        images = embed_images(loaded.model.encode_image, data.images[test], loaded.model.config.image_size,
+                              batch_size=16, device="cpu")
+        classes = class_embeddings(loaded.model.encode_text, loaded.processor, data.class_names, data.train_templates,
+                                   device="cpu")
+    assert rows[0]["iid acc"] == pytest.approx(zero_shot_accuracy(images, classes, data.labels[test]))
+
+    # a draw that ran before the iid columns: prune each row's allocation again, same values
+    measured = {r["method"]: {**{k: r.pop(k) for k in ("iid acc", "iid gap", "iid prob", "iid prob gap")},
+                              "search acc again": r["search acc"], "held-out acc again": r["held-out acc"]}
+                for r in rows}
+    (folder / "rows.json").write_text(json.dumps(rows))
+    measure_iid([folder])
+    assert json.loads((folder / "iid.json").read_text()) == measured  # the same computations, so exactly
+    draws, _ = earlier_draws([folder])
+    assert [r["iid gap"] for r in draws[3]] == [measured[r["method"]]["iid gap"] for r in rows]
+    assert reproduction(draws).startswith(f"Rows measured again for the iid gap (`--iid`, each allocation pruned "
+                                          f"again): {len(rows)} of {len(rows)} give")
+
+    draws[3][-1]["held-out acc"] += 0.01
+    assert "the largest difference of the others is 0.0100" in reproduction(draws)
 
 
 def test_search_benchmark_on_a_tiny_vision_lm_scores_the_answer_loss(tmp_path, small_threads):
@@ -688,10 +735,11 @@ def test_s_max_sweep_passes_its_pruner_to_every_row(tmp_path, small_threads, mon
 def test_search_draws_summarises_each_method_over_the_draws():
     from benchmarks.search_draws import summarize
 
-    def rows(ecoflap, search, search_gap, chosen):
-        return [{"method": "dense", "held-out acc": 0.97, "gap": 0.03},
-                {"method": "ecoflap (zeroth)", "held-out acc": ecoflap, "gap": 0.05},
-                {"method": "search (no penalty)", "held-out acc": search, "gap": search_gap, "chosen": chosen}]
+    def rows(ecoflap, search, search_gap, chosen, iid_gap=None):
+        iid = {} if iid_gap is None else {"iid gap": iid_gap}
+        return [{"method": "dense", "held-out acc": 0.97, "gap": 0.03, **iid},
+                {"method": "ecoflap (zeroth)", "held-out acc": ecoflap, "gap": 0.05, **iid},
+                {"method": "search (no penalty)", "held-out acc": search, "gap": search_gap, "chosen": chosen, **iid}]
 
     summary = {r["method"]: r for r in summarize({1: rows(0.9, 0.95, 0.02, "ecoflap [2, -3, 0, 10]"),
                                                   2: rows(0.9, 0.85, 0.06, "uniform [0, 0, 0, 0]")})}
@@ -702,6 +750,14 @@ def test_search_draws_summarises_each_method_over_the_draws():
     assert search["chosen steps"] == pytest.approx((15 + 0) / 2) and search["keeps its base"] == "1/2"
     assert summary["ecoflap (zeroth)"]["beats ECoFLaP"] == "0/2" and summary["ecoflap (zeroth)"]["gap sd"] == 0
     assert summary["ecoflap (zeroth)"]["chosen steps"] == ""  # not a search
+    assert "iid gap mean" not in search  # no draw measured it
+
+    with_iid = summarize({1: rows(0.9, 0.95, 0.02, "ecoflap [1]", iid_gap=0.01),
+                          2: rows(0.9, 0.85, 0.06, "ecoflap [0]", iid_gap=0.04)})
+    assert with_iid[1]["iid gap mean"] == pytest.approx(0.025) and with_iid[1]["iid gap sd"] == pytest.approx(
+        0.03 / 2 ** 0.5)
+    partly = summarize({1: rows(0.9, 0.95, 0.02, "ecoflap [1]", iid_gap=0.01), 2: rows(0.9, 0.85, 0.06, "ecoflap [0]")})
+    assert "iid gap mean" not in partly[1]  # not every draw has it: no mean of a subset
 
 
 def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_draw():
@@ -719,6 +775,10 @@ def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_d
     assert (row["smaller"], row["equal"], row["larger"]) == (1, 1, 1)
     assert row["held-out diff mean"] == pytest.approx((0.02 + 0 - 0.04) / 3)
     assert row["held-out diff se"] == pytest.approx(statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5)
+
+    draws = {d: [{**r, "iid gap": 2 * r["gap"]} for r in rs] for d, rs in {1: rows(0.02, 0.05), 2: rows(0.04, 0.03)}.items()}
+    (iid,) = paired_gaps(draws, "iid gap")
+    assert iid["gap diff mean"] == pytest.approx((-0.06 + 0.02) / 2) and (iid["smaller"], iid["larger"]) == (1, 1)
 
 
 def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
