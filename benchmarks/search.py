@@ -514,6 +514,9 @@ def verdicts(rows: list[dict]) -> list[str]:
             word = "beats" if d > 0 else ("ties" if d == 0 else "loses to")
             lines.append(f"- {r['method']}, n = {r['n']}: held-out {r['held-out acc']:.3f}, {word} ECoFLaP "
                          f"({base['held-out acc']:.3f}, {d:+.3f}); gap {r['gap']:.3f} vs {base['gap']:.3f} ({g:+.3f})")
+            if "iid gap" in r:
+                i = r["iid gap"] - base["iid gap"]
+                lines[-1] += f"; iid gap {r['iid gap']:.3f} vs {base['iid gap']:.3f} ({i:+.3f})"
     return lines
 
 

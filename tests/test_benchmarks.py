@@ -427,6 +427,17 @@ def test_search_benchmark_penalties_name_their_bound():
         penalty_arg("strong")
 
 
+def test_search_verdicts_compare_each_search_with_ecoflap():
+    from benchmarks.search import verdicts
+
+    rows = [{"method": "ecoflap (zeroth)", "held-out acc": 0.9, "gap": 0.02, "iid gap": 0.04},
+            {"method": "search (no penalty)", "n": 64, "held-out acc": 0.93, "gap": 0.035, "iid gap": 0.045}]
+    assert verdicts(rows) == ["- search (no penalty), n = 64: held-out 0.930, beats ECoFLaP (0.900, +0.030); gap 0.035 "
+                              "vs 0.020 (+0.015); iid gap 0.045 vs 0.040 (+0.005)"]
+    older = [{k: v for k, v in r.items() if k != "iid gap"} for r in rows]  # a table from before the iid columns
+    assert verdicts(older)[0].endswith("gap 0.035 vs 0.020 (+0.015)")
+
+
 def test_search_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):
     params = tiny_params(tiny_dual_encoder_dir, tmp_path / "unused", tracking={"enabled": False})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
