@@ -179,9 +179,10 @@ def measure_iid(folders: list[Path]) -> None:
             iid = {}
             for row in json.loads((folder / "rows.json").read_text()):
                 method = row["method"]
-                sparsity = None if method == "dense" else baselines.get(method)
                 if row.get("chosen"):
                     sparsity = bench.space.sparsity(chosen_policy(row["chosen"]))
+                else:  # the dense model, or a baseline (an unknown name stops here, not measured as dense)
+                    sparsity = None if method == "dense" else baselines[method]
                 values = bench.values_of(bench.loaded.model) if sparsity is None else bench.per_sample(sparsity)[0]
                 search = search_columns(values, bench.subsets[row["n"]], bench.args.objective)
                 held = bench.held_out(sparsity)
@@ -258,13 +259,13 @@ def main() -> None:
         command = "python -m benchmarks.search_draws --draws"
     command += f" --add {' '.join(map(str, args.add))}" if args.add else ""
     command += " --iid" if args.iid else ""
-    iid = all("iid gap" in r for rows in draws.values() for r in rows)
+    measured = [gap for gap in IID_GAPS if all(gap in r for rows in draws.values() for r in rows)]
     numbers = sorted(draws)
     text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(numbers)} draws of "
             f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
             f"whose held-out accuracy is above ECoFLaP's"
-            f"{IID_NOTE if iid else ''}. "
+            f"{IID_NOTE if measured else ''}. "
             f"Per-draw tables: `search_draws/draw_<d>/`"
             f"{' and the --add folders' if args.add else ''}.\n"
             f"Machine: {machine()}.\nCommand: {command}\n"
@@ -273,7 +274,7 @@ def main() -> None:
             f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"
             f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n"
             + "".join(f"\nThe same for the {gap}:\n\n{markdown_table(paired_gaps(draws, gap), PAIRED_COLUMNS)}\n"
-                      for gap in IID_GAPS if all(gap in r for rows in draws.values() for r in rows)))
+                      for gap in measured))
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "search_draws.md").write_text(text)
