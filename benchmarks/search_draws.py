@@ -51,8 +51,8 @@ IID_GAPS = ["iid gap", "iid prob gap"]  # measured since 2026-11-23 (module docs
 SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "iid gap mean",
                    "iid gap sd", "iid prob gap mean", "iid prob gap sd", "beats ECoFLaP", "chosen steps",
                    "keeps its base"]
-PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "smaller", "equal", "larger",
-                  "held-out diff mean", "held-out diff se"]
+PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "gap diff t", "smaller", "equal", "larger",
+                  "held-out diff mean", "held-out diff se", "held-out diff t"]
 UNPENALISED = "search (no penalty)"
 IID_NOTE = ("; `iid gap` = search-set accuracy - accuracy on the held-out digits with the training templates "
             "(the gap without the template change); `iid prob gap`: the same for the mean probability of the "
@@ -105,7 +105,8 @@ def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
     difference of their gaps (penalised - unpenalised; ``gap``: the column, ``gap`` or ``iid gap``), its
     mean and standard error over the draws (sample sd / sqrt(draws)), in how many draws the penalised
     gap is smaller, equal or larger, and the same mean and standard error for the difference of their
-    held-out accuracies."""
+    held-out accuracies. ``t`` is the paired t statistic, mean / se (how many standard errors the mean
+    is from zero); empty where se is 0."""
     differences: dict[str, list[tuple[float, float]]] = {}
     for rows in draws.values():
         by_method = {r["method"]: r for r in rows}
@@ -120,10 +121,12 @@ def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
     for method, pairs in differences.items():
         gaps, held = [g for g, _ in pairs], [h for _, h in pairs]
         se = (lambda v: statistics.stdev(v) / len(v) ** 0.5) if len(pairs) > 1 else (lambda _: 0.0)
-        out.append({"method": method, "draws": len(pairs), "gap diff mean": statistics.mean(gaps),
-                    "gap diff se": se(gaps), "smaller": sum(v < 0 for v in gaps), "equal": sum(v == 0 for v in gaps),
-                    "larger": sum(v > 0 for v in gaps), "held-out diff mean": statistics.mean(held),
-                    "held-out diff se": se(held)})
+        row = {"method": method, "draws": len(pairs), "smaller": sum(v < 0 for v in gaps),
+               "equal": sum(v == 0 for v in gaps), "larger": sum(v > 0 for v in gaps)}
+        for name, values in (("gap diff", gaps), ("held-out diff", held)):
+            mean, error = statistics.mean(values), se(values)
+            row |= {f"{name} mean": mean, f"{name} se": error, f"{name} t": mean / error if error else ""}
+        out.append(row)
     return out
 
 

@@ -786,10 +786,15 @@ def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_d
     assert (row["smaller"], row["equal"], row["larger"]) == (1, 1, 1)
     assert row["held-out diff mean"] == pytest.approx((0.02 + 0 - 0.04) / 3)
     assert row["held-out diff se"] == pytest.approx(statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5)
+    assert row["gap diff t"] == pytest.approx(row["gap diff mean"] / row["gap diff se"])
+    assert row["held-out diff t"] == pytest.approx((-0.02 / 3) / (statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5))
 
     draws = {d: [{**r, "iid gap": 2 * r["gap"]} for r in rs] for d, rs in {1: rows(0.02, 0.05), 2: rows(0.04, 0.03)}.items()}
     (iid,) = paired_gaps(draws, "iid gap")
     assert iid["gap diff mean"] == pytest.approx((-0.06 + 0.02) / 2) and (iid["smaller"], iid["larger"]) == (1, 1)
+
+    (single,) = paired_gaps({1: rows(0.02, 0.05)})
+    assert single["gap diff se"] == 0.0 and single["gap diff t"] == ""  # one draw: no spread, no t
 
 
 def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
