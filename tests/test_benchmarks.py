@@ -786,7 +786,7 @@ def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_d
     assert (row["smaller"], row["equal"], row["larger"]) == (1, 1, 1)
     assert row["held-out diff mean"] == pytest.approx((0.02 + 0 - 0.04) / 3)
     assert row["held-out diff se"] == pytest.approx(statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5)
-    assert row["gap diff t"] == pytest.approx(row["gap diff mean"] / row["gap diff se"])
+    assert row["gap diff t"] == pytest.approx(-0.5547, abs=1e-4)  # (-0.02 / 3) / (0.020817 / sqrt(3)), by hand
     assert row["held-out diff t"] == pytest.approx((-0.02 / 3) / (statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5))
 
     draws = {d: [{**r, "iid gap": 2 * r["gap"]} for r in rs] for d, rs in {1: rows(0.02, 0.05), 2: rows(0.04, 0.03)}.items()}
