@@ -120,11 +120,11 @@ def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
     out = []
     for method, pairs in differences.items():
         gaps, held = [g for g, _ in pairs], [h for _, h in pairs]
-        se = (lambda v: statistics.stdev(v) / len(v) ** 0.5) if len(pairs) > 1 else (lambda _: 0.0)
         row = {"method": method, "draws": len(pairs), "smaller": sum(v < 0 for v in gaps),
                "equal": sum(v == 0 for v in gaps), "larger": sum(v > 0 for v in gaps)}
         for name, values in (("gap diff", gaps), ("held-out diff", held)):
-            mean, error = statistics.mean(values), se(values)
+            mean = statistics.mean(values)
+            error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
             row |= {f"{name} mean": mean, f"{name} se": error, f"{name} t": mean / error if error else ""}
         out.append(row)
     return out
