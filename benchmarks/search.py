@@ -319,12 +319,17 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run(args: Options) -> list[dict]:
+def run(args: Options, bench: Bench | None = None) -> list[dict]:
     """Baselines and searches as described in the module docstring; writes the Markdown table (and the
-    candidates) under ``args.out`` and returns the rows (the first is the dense model)."""
+    candidates) under ``args.out`` and returns the rows (the first is the dense model).
+
+    ``bench``: one set up earlier (and closed by its owner), whose search samples the caller has drawn
+    for these ``args`` (:meth:`Bench.draw_samples`); its held-out metrics, measured once per allocation,
+    serve every run that shares it (:mod:`benchmarks.search_draws`)."""
     started = time.perf_counter()
     evaluations = args.rounds * args.population
-    bench = Bench(args)
+    owned = bench is None
+    bench = Bench(args) if owned else bench
     adapter, groups, tower_names, space = bench.adapter, bench.groups, bench.tower_names, bench.space
     subsets, per_sample, held_out = bench.subsets, bench.per_sample, bench.held_out
     label = "the default dual encoder" if adapter.family == "dual_encoder" else f"the {adapter.family} model"
@@ -373,7 +378,8 @@ def run(args: Options) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     if args.trial:
         write(text_path, *context, rows)
-        bench.close()
+        if owned:
+            bench.close()
         return rows
 
     for n in args.sizes:
@@ -407,7 +413,8 @@ def run(args: Options) -> list[dict]:
     write(text_path, *context, rows)
     candidates = "search_candidates.json" if stem == "search" else f"{stem}_candidates.json"
     (Path(args.out) / candidates).write_text(json.dumps(log, indent=1) + "\n")
-    bench.close()
+    if owned:
+        bench.close()
     return rows
 
 

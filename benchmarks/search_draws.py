@@ -4,12 +4,16 @@ of the method or of one draw?
 Runs :mod:`benchmarks.search` once per draw at one sample count. Draw ``d`` sets
 ``allocation.search.sample_seed = d``, which picks the search samples from the training split, and
 uses ``d`` as the search's own seed. The held-out set, the calibration samples and ECoFLaP's scores
-stay the same in every draw. The script then summarises each method over the draws:
+stay the same in every draw: the draws of one command share one :class:`benchmarks.search.Bench`
+(model, calibration, scores, and the held-out metrics of each allocation, measured once), which gives
+the rows a separate run per draw would give. The script then summarises each method over the draws:
 
 - the held-out accuracy: mean and standard deviation;
 - the gap (search-set accuracy minus held-out accuracy): mean and standard deviation;
 - how many draws beat ECoFLaP held out;
-- for each penalised search, its gap minus the unpenalised search's gap on the same draw (paired).
+- for each penalised search, its gap minus the unpenalised search's gap on the same draw (paired);
+- the same for the ``loss gap`` (held-out answer loss minus search-set answer loss) with
+  ``--objective loss``, the objective of the image-to-text models such as ``vision_lm``.
 
     python -m benchmarks.search_draws --sparsity 0.7 --size 64 --draws 1 2 3 4 5 --penalties 1 0.1 0 \
         --rounds 5 --population 8 --objective probability
@@ -48,15 +52,21 @@ from vlmprune.search import Policy
 from vlmprune.search.evolution import BOUNDS
 
 IID_GAPS = ["iid gap", "iid prob gap"]  # measured since 2026-11-23 (module docstring)
-SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd", "iid gap mean",
-                   "iid gap sd", "iid prob gap mean", "iid prob gap sd", "beats ECoFLaP", "chosen steps",
+OTHER_GAPS = [*IID_GAPS, "loss gap"]  # summarised where every draw has them; "loss gap": --objective loss
+SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd",
+                   *(f"{g} {s}" for g in OTHER_GAPS for s in ("mean", "sd")), "beats ECoFLaP", "chosen steps",
                    "keeps its base"]
 PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "gap diff t", "smaller", "equal", "larger",
                   "held-out diff mean", "held-out diff se", "held-out diff t"]
 UNPENALISED = "search (no penalty)"
-IID_NOTE = ("; `iid gap` = search-set accuracy - accuracy on the held-out digits with the training templates "
-            "(the gap without the template change); `iid prob gap`: the same for the mean probability of the "
-            "correct class (the search's objective; continuous, where accuracy moves by one sample)")
+GAP_NOTES = {
+    "iid gap": "`iid gap` = search-set accuracy - accuracy on the held-out digits with the training templates (the "
+               "gap without the template change)",
+    "iid prob gap": "`iid prob gap`: the same for the mean probability of the correct class (the search's objective; "
+                    "continuous, where accuracy moves by one sample)",
+    "loss gap": "`loss gap` = held-out answer loss - search-set answer loss (the search's objective is minus the "
+                "answer loss; continuous, where accuracy moves by one sample)",
+}
 
 
 def chosen_policy(chosen: str) -> Policy:
@@ -75,7 +85,7 @@ def summarize(draws: dict[int, list[dict]]) -> list[dict]:
     returns them): held-out accuracy and gap, mean and sample standard deviation, in how many draws
     the held-out accuracy is above ECoFLaP's of the same draw, and for the searches the mean distance
     of the chosen policy from its base (grid steps) and in how many draws it is the base itself. The
-    ``iid gap`` and ``iid prob gap`` columns only where every draw has them (module docstring)."""
+    ``iid gap``, ``iid prob gap`` and ``loss gap`` columns only where every draw has them (module docstring)."""
     per_method: dict[str, list[dict]] = {}
     for rows in draws.values():
         ecoflap = next(r for r in rows if r["method"].startswith("ecoflap"))
@@ -93,16 +103,27 @@ def summarize(draws: dict[int, list[dict]]) -> list[dict]:
                         "beats ECoFLaP": f"{sum(r['beats'] for r in rows)}/{len(rows)}",
                         "chosen steps": statistics.mean(distances) if searched else "",
                         "keeps its base": f"{distances.count(0)}/{len(rows)}" if searched else ""})
-        for column, name in [("held-out acc", "held-out"), ("gap", "gap"), *((g, g) for g in IID_GAPS)]:
+        for column, name in [("held-out acc", "held-out"), ("gap", "gap"), *((g, g) for g in OTHER_GAPS)]:
             if all(column in r for r in rows):
                 values = [r[column] for r in rows]
                 summary[-1].update({f"{name} mean": statistics.mean(values), f"{name} sd": spread(values)})
     return summary
 
 
+def measured_gaps(draws: dict[int, list[dict]]) -> list[str]:
+    """The columns of :data:`OTHER_GAPS` that every row of every draw has."""
+    return [gap for gap in OTHER_GAPS if all(gap in r for rows in draws.values() for r in rows)]
+
+
+def summary_columns(measured: list[str]) -> list[str]:
+    """:data:`SUMMARY_COLUMNS` without the mean and sd of the other gaps not ``measured``."""
+    unmeasured = [g for g in OTHER_GAPS if g not in measured]
+    return [c for c in SUMMARY_COLUMNS if c.removesuffix(" mean").removesuffix(" sd") not in unmeasured]
+
+
 def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
     """Each penalised search against the unpenalised one of the same draw (same search samples): the
-    difference of their gaps (penalised - unpenalised; ``gap``: the column, ``gap`` or ``iid gap``), its
+    difference of their gaps (penalised - unpenalised; ``gap``: the column, ``gap`` or one of :data:`OTHER_GAPS`), its
     mean and standard error over the draws (sample sd / sqrt(draws)), in how many draws the penalised
     gap is smaller, equal or larger, and the same mean and standard error for the difference of their
     held-out accuracies. ``t`` is the paired t statistic, mean / se (how many standard errors the mean
@@ -212,7 +233,7 @@ def reproduction(draws: dict[int, list[dict]]) -> str:
 
 def main() -> None:
     from benchmarks.common import machine, markdown_table, shell_command
-    from benchmarks.search import Options, penalty_arg, run
+    from benchmarks.search import Bench, Options, penalty_arg, run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
@@ -226,7 +247,8 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--granularity", default="4")
     parser.add_argument("--calibration-samples", type=int, default=32)
-    parser.add_argument("--objective", choices=["accuracy", "probability"], default="probability")
+    parser.add_argument("--objective", choices=["accuracy", "probability", "loss"], default="probability",
+                        help="as benchmarks.search; loss for the image-to-text models (e.g. vision_lm)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="benchmarks/results")
@@ -243,16 +265,23 @@ def main() -> None:
     draws, _ = earlier_draws(args.add)
     if overlap := sorted(set(draws) & set(args.draws)):
         raise SystemExit(f"--draws {overlap} are already in the --add folders")
-    for draw in args.draws:
-        options = Options(sparsity=args.sparsity, sizes=[args.size], rounds=args.rounds, population=args.population,
-                          granularity=args.granularity, calibration_samples=args.calibration_samples, seed=draw,
-                          objective=args.objective, params=args.params,
-                          overrides=[*args.overrides, f"allocation.search.sample_seed={draw}"],
-                          reuse="artifacts" if args.params == "params.yaml" else None,
-                          out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties,
-                          bound=args.bound)
-        draws[draw] = run(options)
-        (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
+    bench = None
+    try:
+        for draw in args.draws:
+            options = Options(sparsity=args.sparsity, sizes=[args.size], rounds=args.rounds,
+                              population=args.population, granularity=args.granularity,
+                              calibration_samples=args.calibration_samples, seed=draw, objective=args.objective,
+                              params=args.params, overrides=[*args.overrides, f"allocation.search.sample_seed={draw}"],
+                              reuse="artifacts" if args.params == "params.yaml" else None,
+                              out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties,
+                              bound=args.bound)
+            bench = bench or Bench(options)  # set up once: model, calibration, scores, held-out metrics
+            bench.draw_samples(draw, draw)
+            draws[draw] = run(options, bench)
+            (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
+    finally:
+        if bench is not None:
+            bench.close()
     folders = [*args.add, *(Path(args.out) / "search_draws" / f"draw_{d}" for d in args.draws)]
     _, ran = earlier_draws(folders)  # the new draws ran the same search as the added ones
     if args.draws:
@@ -262,18 +291,18 @@ def main() -> None:
         command = "python -m benchmarks.search_draws --draws"
     command += f" --add {' '.join(map(str, args.add))}" if args.add else ""
     command += " --iid" if args.iid else ""
-    measured = [gap for gap in IID_GAPS if all(gap in r for rows in draws.values() for r in rows)]
+    measured = measured_gaps(draws)
     numbers = sorted(draws)
     text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(numbers)} draws of "
             f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
             f"whose held-out accuracy is above ECoFLaP's"
-            f"{IID_NOTE if measured else ''}. "
+            f"{''.join('; ' + GAP_NOTES[g] for g in measured)}. "
             f"Per-draw tables: `search_draws/draw_<d>/`"
             f"{' and the --add folders' if args.add else ''}.\n"
             f"Machine: {machine()}.\nCommand: {command}\n"
             f"Each draw d ran: {ran} --seed d -S allocation.search.sample_seed=d\n{reproduction(draws)}\n"
-            f"{markdown_table(summarize(draws), SUMMARY_COLUMNS)}\n\n"
+            f"{markdown_table(summarize(draws), summary_columns(measured))}\n\n"
             f"Gap of each penalised search minus that of the unpenalised search on the same draw:\n\n"
             f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n"
             + "".join(f"\nThe same for the {gap}:\n\n{markdown_table(paired_gaps(draws, gap), PAIRED_COLUMNS)}\n"

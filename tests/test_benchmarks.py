@@ -540,6 +540,42 @@ def test_search_benchmark_on_a_tiny_vision_lm_scores_the_answer_loss(tmp_path, s
     assert (tmp_path / "out" / "search_vision_lm.md").exists()
     assert (tmp_path / "out" / "search_vision_lm_candidates.json").exists()
 
+
+def test_search_draws_on_a_tiny_vision_lm_share_one_bench_and_match_separate_runs(tmp_path, small_threads, monkeypatch):
+    import sys
+
+    from benchmarks import search_draws
+    from benchmarks.search import Options, run
+    from tests.tiny import build_tiny_vision_lm, family_params
+    from vlmprune.adapters.base import LoadedModel
+    from vlmprune.adapters.vision_lm import VisionLMAdapter
+
+    model, tokenizer = build_tiny_vision_lm()
+    VisionLMAdapter().save(LoadedModel(model, tokenizer), tmp_path / "vlm")
+    params = family_params(tmp_path / "vlm", tmp_path / "unused", {"name": "digits"}, evaluation={"max_samples": 8})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    search = ["--sparsity", "0.4", "--size", "8", "--rounds", "1", "--population", "2", "--granularity", "tower",
+              "--calibration-samples", "4", "--objective", "loss", "--params", str(tmp_path / "params.yaml"),
+              "--penalties", "bernstein:0.5", "0"]
+    monkeypatch.setattr(sys, "argv", ["search_draws", *search, "--draws", "2", "3", "--out", str(tmp_path / "draws")])
+    search_draws.main()
+    summary = (tmp_path / "draws" / "search_draws.md").read_text()
+    assert "| loss gap mean | loss gap sd |" in summary and "iid gap" not in summary  # no iid gap on this family
+    assert "The same for the loss gap:" in summary
+
+    # draw 3 shared the bench (model, calibration, scores, held-out metrics) of draw 2: the same rows as alone
+    shared = json.loads((tmp_path / "draws" / "search_draws" / "draw_3" / "rows.json").read_text())
+    alone = run(Options(sparsity=0.4, sizes=[8], rounds=1, population=2, granularity="tower", calibration_samples=4,
+                        seed=3, objective="loss", params=str(tmp_path / "params.yaml"), reuse=None,
+                        out=str(tmp_path / "alone"), penalties=[("bernstein", 0.5), 0.0],
+                        overrides=["allocation.search.sample_seed=3"]))
+    timing = ("cost s", "wall s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in shared] == [
+        {k: v for k, v in r.items() if k not in timing} for r in json.loads(json.dumps(alone))]
+    draw_2 = json.loads((tmp_path / "draws" / "search_draws" / "draw_2" / "rows.json").read_text())
+    assert draw_2[0]["search loss"] != shared[0]["search loss"]  # other search samples, same dense model
+
+
 def test_tokens_suite_on_a_tiny_llava(tmp_path, small_threads):
     data = run_script(SCRIPT_SUITES["tokens"], "tiny", str(tmp_path), {
         "tiny_llava": True, "router_steps": 3, "train_samples": 8, "eval_samples": 8, "token_ratios": [1.0, 0.5],
@@ -769,6 +805,28 @@ def test_search_draws_summarises_each_method_over_the_draws():
         0.03 / 2 ** 0.5)
     partly = summarize({1: rows(0.9, 0.95, 0.02, "ecoflap [1]", iid_gap=0.01), 2: rows(0.9, 0.85, 0.06, "ecoflap [0]")})
     assert "iid gap mean" not in partly[1]  # not every draw has it: no mean of a subset
+
+
+def test_search_draws_summarises_the_loss_gap_and_shows_only_the_gaps_every_draw_has():
+    from benchmarks.search_draws import measured_gaps, paired_gaps, summarize, summary_columns
+
+    def rows(penalised, unpenalised, iid=None):  # loss gaps; an iid gap in one draw only
+        extra = {} if iid is None else {"iid gap": iid}
+        return [{"method": "ecoflap (zeroth)", "held-out acc": 0.6, "gap": 0.05, "loss gap": 0.03, **extra},
+                {"method": "search (bernstein x0.25)", "held-out acc": 0.7, "gap": 0.1, "loss gap": penalised,
+                 "chosen": "ecoflap [1]", **extra},
+                {"method": "search (no penalty)", "held-out acc": 0.7, "gap": 0.1, "loss gap": unpenalised,
+                 "chosen": "ecoflap [2]", **extra}]
+
+    draws = {1: rows(0.04, 0.07, iid=0.01), 2: rows(0.06, 0.05)}
+    assert measured_gaps(draws) == ["loss gap"]
+    columns = summary_columns(["loss gap"])
+    assert "loss gap mean" in columns and "loss gap sd" in columns and "gap mean" in columns
+    assert not any(c.startswith(("iid gap", "iid prob gap")) for c in columns)
+    search = summarize(draws)[1]
+    assert search["loss gap mean"] == pytest.approx(0.05) and search["loss gap sd"] == pytest.approx(0.01 * 2 ** 0.5)
+    (paired,) = paired_gaps(draws, "loss gap")
+    assert paired["gap diff mean"] == pytest.approx((-0.03 + 0.01) / 2) and (paired["smaller"], paired["larger"]) == (1, 1)
 
 
 def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_draw():
