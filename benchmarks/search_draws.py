@@ -233,7 +233,7 @@ def reproduction(draws: dict[int, list[dict]]) -> str:
 
 def main() -> None:
     from benchmarks.common import machine, markdown_table, shell_command
-    from benchmarks.search import Bench, Options, penalty_arg, run
+    from benchmarks.search import Bench, Options, options_from, penalty_arg, run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
@@ -293,7 +293,9 @@ def main() -> None:
     command += " --iid" if args.iid else ""
     measured = measured_gaps(draws)
     numbers = sorted(draws)
-    text = (f"Policy search at {args.sparsity:.0%} with {args.size} search samples over {len(numbers)} draws of "
+    searched = options_from(shlex.split(ran)[3:])  # what the draws ran (the options above when they ran here)
+    text = (f"Policy search at {searched.sparsity:.0%} with {max(searched.sizes)} search samples over {len(numbers)} "
+            f"draws of "
             f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
             f"whose held-out accuracy is above ECoFLaP's"

@@ -562,6 +562,11 @@ def test_search_draws_on_a_tiny_vision_lm_share_one_bench_and_match_separate_run
     summary = (tmp_path / "draws" / "search_draws.md").read_text()
     assert "| loss gap mean | loss gap sd |" in summary and "iid gap" not in summary  # no iid gap on this family
     assert "The same for the loss gap:" in summary
+    assert summary.startswith("Policy search at 40% with 8 search samples over 2 draws")
+    folders = [str(tmp_path / "draws" / "search_draws" / f"draw_{d}") for d in (2, 3)]
+    monkeypatch.setattr(sys, "argv", ["search_draws", "--draws", "--add", *folders, "--out", str(tmp_path / "sum")])
+    search_draws.main()  # a summary of earlier draws only: the title says what they ran, not the defaults (70%)
+    assert (tmp_path / "sum" / "search_draws.md").read_text().startswith("Policy search at 40% with 8 search samples")
 
     # draw 3 shared the bench (model, calibration, scores, held-out metrics) of draw 2: the same rows as alone
     shared = json.loads((tmp_path / "draws" / "search_draws" / "draw_3" / "rows.json").read_text())
