@@ -323,13 +323,23 @@ def run(args: Options, bench: Bench | None = None) -> list[dict]:
     """Baselines and searches as described in the module docstring; writes the Markdown table (and the
     candidates) under ``args.out`` and returns the rows (the first is the dense model).
 
-    ``bench``: one set up earlier (and closed by its owner), whose search samples the caller has drawn
-    for these ``args`` (:meth:`Bench.draw_samples`); its held-out metrics, measured once per allocation,
-    serve every run that shares it (:mod:`benchmarks.search_draws`)."""
+    ``bench``: one set up earlier (and closed by its owner), whose search samples are those of these
+    ``args`` (:meth:`Bench.draw_samples`); its held-out metrics, measured once per allocation, serve
+    every run that shares it (:mod:`benchmarks.search_draws`). Without it, one is set up for this run
+    and closed after it, also on failure."""
     started = time.perf_counter()
+    if bench is not None:
+        return run_on(bench, args, started)
+    bench = Bench(args)
+    try:
+        return run_on(bench, args, started)
+    finally:
+        bench.close()
+
+
+def run_on(bench: Bench, args: Options, started: float) -> list[dict]:
+    """:func:`run` on a set-up ``bench``; ``started``: the clock the tables' total wall time counts from."""
     evaluations = args.rounds * args.population
-    owned = bench is None
-    bench = Bench(args) if owned else bench
     adapter, groups, tower_names, space = bench.adapter, bench.groups, bench.tower_names, bench.space
     subsets, per_sample, held_out = bench.subsets, bench.per_sample, bench.held_out
     label = "the default dual encoder" if adapter.family == "dual_encoder" else f"the {adapter.family} model"
@@ -378,8 +388,6 @@ def run(args: Options, bench: Bench | None = None) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     if args.trial:
         write(text_path, *context, rows)
-        if owned:
-            bench.close()
         return rows
 
     for n in args.sizes:
@@ -413,8 +421,6 @@ def run(args: Options, bench: Bench | None = None) -> list[dict]:
     write(text_path, *context, rows)
     candidates = "search_candidates.json" if stem == "search" else f"{stem}_candidates.json"
     (Path(args.out) / candidates).write_text(json.dumps(log, indent=1) + "\n")
-    if owned:
-        bench.close()
     return rows
 
 

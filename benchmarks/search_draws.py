@@ -180,6 +180,13 @@ def earlier_draws(folders: list[Path]) -> tuple[dict[int, list[dict]], str]:
     return draws, next(iter(commands), "")
 
 
+def ran_options(ran: str):
+    """The :class:`benchmarks.search.Options` of a draws' command without its seeds (:func:`earlier_draws`)."""
+    from benchmarks.search import options_from
+
+    return options_from(shlex.split(ran)[3:])  # after "python -m benchmarks.search"
+
+
 def measure_iid(folders: list[Path]) -> None:
     """``iid.json`` for each draw folder that has neither it nor the ``iid gap`` column (module docstring).
 
@@ -187,14 +194,14 @@ def measure_iid(folders: list[Path]) -> None:
     held-out digits, so that ``iid gap`` = search acc - iid acc compares two accuracies of one model;
     the search and held-out accuracies measured again are kept beside (``search acc again``,
     ``held-out acc again``) to show whether the models are those of the draw (:func:`reproduction`)."""
-    from benchmarks.search import Bench, held_out_columns, options_from, search_columns
+    from benchmarks.search import Bench, held_out_columns, search_columns
 
     todo = [f for f in folders if not (f / "iid.json").exists()
             and "iid gap" not in json.loads((f / "rows.json").read_text())[0]]
     if not todo:
         return
     _, ran = earlier_draws(todo)
-    bench = Bench(options_from(shlex.split(ran)[3:]))  # after "python -m benchmarks.search"
+    bench = Bench(ran_options(ran))
     baselines = bench.baselines()
     try:
         for folder in tqdm(todo, desc="iid gaps"):
@@ -233,7 +240,7 @@ def reproduction(draws: dict[int, list[dict]]) -> str:
 
 def main() -> None:
     from benchmarks.common import machine, markdown_table, shell_command
-    from benchmarks.search import Bench, Options, options_from, penalty_arg, run
+    from benchmarks.search import Bench, Options, penalty_arg, run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
@@ -275,8 +282,10 @@ def main() -> None:
                               reuse="artifacts" if args.params == "params.yaml" else None,
                               out=str(Path(args.out) / "search_draws" / f"draw_{draw}"), penalties=args.penalties,
                               bound=args.bound)
-            bench = bench or Bench(options)  # set up once: model, calibration, scores, held-out metrics
-            bench.draw_samples(draw, draw)
+            if bench is None:  # set up once (model, calibration, scores, held-out metrics), with this draw's samples
+                bench = Bench(options)
+            else:
+                bench.draw_samples(draw, draw)
             draws[draw] = run(options, bench)
             (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
     finally:
@@ -293,7 +302,7 @@ def main() -> None:
     command += " --iid" if args.iid else ""
     measured = measured_gaps(draws)
     numbers = sorted(draws)
-    searched = options_from(shlex.split(ran)[3:])  # what the draws ran (the options above when they ran here)
+    searched = ran_options(ran)  # what the draws ran (the options above when they ran here)
     text = (f"Policy search at {searched.sparsity:.0%} with {max(searched.sizes)} search samples over {len(numbers)} "
             f"draws of "
             f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
