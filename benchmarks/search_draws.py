@@ -11,9 +11,11 @@ the rows a separate run per draw would give. The script then summarises each met
 - the held-out accuracy: mean and standard deviation;
 - the gap (search-set accuracy minus held-out accuracy): mean and standard deviation;
 - how many draws beat ECoFLaP held out;
-- for each penalised search, its gap minus the unpenalised search's gap on the same draw (paired);
+- for each penalised search, its gap minus the unpenalised search's gap on the same draw (paired), with
+  the paired t statistic and its two-sided p-value;
 - the same for the ``loss gap`` (held-out answer loss minus search-set answer loss) with
-  ``--objective loss``, the objective of the image-to-text models such as ``vision_lm``.
+  ``--objective loss``, the objective of the image-to-text models such as ``vision_lm``;
+- each draw's searches side by side (held-out accuracy, gaps, held-out loss, distance from the base).
 
     python -m benchmarks.search_draws --sparsity 0.7 --size 64 --draws 1 2 3 4 5 --penalties 1 0.1 0 \
         --rounds 5 --population 8 --objective probability
@@ -56,8 +58,8 @@ OTHER_GAPS = [*IID_GAPS, "loss gap"]  # summarised where every draw has them; "l
 SUMMARY_COLUMNS = ["method", "draws", "held-out mean", "held-out sd", "gap mean", "gap sd",
                    *(f"{g} {s}" for g in OTHER_GAPS for s in ("mean", "sd")), "beats ECoFLaP", "chosen steps",
                    "keeps its base"]
-PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "gap diff t", "smaller", "equal", "larger",
-                  "held-out diff mean", "held-out diff se", "held-out diff t"]
+PAIRED_COLUMNS = ["method", "draws", "gap diff mean", "gap diff se", "gap diff t", "gap diff p", "smaller", "equal",
+                  "larger", "held-out diff mean", "held-out diff se", "held-out diff t", "held-out diff p"]
 UNPENALISED = "search (no penalty)"
 GAP_NOTES = {
     "iid gap": "`iid gap` = search-set accuracy - accuracy on the held-out digits with the training templates (the "
@@ -127,7 +129,10 @@ def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
     mean and standard error over the draws (sample sd / sqrt(draws)), in how many draws the penalised
     gap is smaller, equal or larger, and the same mean and standard error for the difference of their
     held-out accuracies. ``t`` is the paired t statistic, mean / se (how many standard errors the mean
-    is from zero); empty where se is 0."""
+    is from zero), and ``p`` its two-sided p-value under Student's t with draws - 1 degrees of freedom
+    (the paired t-test: the chance of a mean at least this far from zero if the penalty changed nothing,
+    the differences taken as independent and normal); both empty where se is 0."""
+    from scipy.stats import t as student
     differences: dict[str, list[tuple[float, float]]] = {}
     for rows in draws.values():
         by_method = {r["method"]: r for r in rows}
@@ -146,9 +151,27 @@ def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
         for name, values in (("gap diff", gaps), ("held-out diff", held)):
             mean = statistics.mean(values)
             error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-            row |= {f"{name} mean": mean, f"{name} se": error, f"{name} t": mean / error if error else ""}
+            t = mean / error if error else ""
+            p = 2 * student.sf(abs(t), len(values) - 1) if error else ""
+            row |= {f"{name} mean": mean, f"{name} se": error, f"{name} t": t, f"{name} p": p}
         out.append(row)
     return out
+
+
+def per_draw(draws: dict[int, list[dict]]) -> tuple[list[str], list[dict]]:
+    """The searches of each draw side by side: their names (in the order of the draws' rows) and one row per
+    draw whose cells join the searches' values with " / " in that order: held-out accuracy, gap, the other
+    gaps and the held-out loss where every search row has them, and the chosen policy's distance from its
+    base (:func:`steps`)."""
+    searches = [r["method"] for r in next(iter(draws.values())) if r.get("chosen")] if draws else []
+    rows = [r for d in draws.values() for r in d if r["method"] in searches]
+    columns = [c for c in ("held-out acc", "gap", *OTHER_GAPS, "held-out loss") if all(c in r for r in rows)]
+    table = []
+    for draw in sorted(draws):
+        by_method = {r["method"]: r for r in draws[draw]}
+        table.append({"draw": draw, **{c: " / ".join(f"{by_method[m][c]:.3f}" for m in searches) for c in columns},
+                      "chosen steps": " / ".join(str(steps(by_method[m]["chosen"])) for m in searches)})
+    return searches, table
 
 
 def earlier_draws(folders: list[Path]) -> tuple[dict[int, list[dict]], str]:
@@ -318,6 +341,10 @@ def main() -> None:
             f"{markdown_table(paired_gaps(draws), PAIRED_COLUMNS)}\n"
             + "".join(f"\nThe same for the {gap}:\n\n{markdown_table(paired_gaps(draws, gap), PAIRED_COLUMNS)}\n"
                       for gap in measured))
+    searches, table = per_draw(draws)
+    if searches:
+        text += (f"\nPer draw ({' / '.join(searches)}; `chosen steps`: the chosen policy's distance from its base, in "
+                 f"grid steps):\n\n{markdown_table(table, list(table[0]))}\n")
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "search_draws.md").write_text(text)

@@ -562,6 +562,7 @@ def test_search_draws_on_a_tiny_vision_lm_share_one_bench_and_match_separate_run
     summary = (tmp_path / "draws" / "search_draws.md").read_text()
     assert "| loss gap mean | loss gap sd |" in summary and "iid gap" not in summary  # no iid gap on this family
     assert "The same for the loss gap:" in summary
+    assert "Per draw (search (bernstein x0.5) / search (no penalty);" in summary and "\n| 3 | " in summary
     assert summary.startswith("Policy search at 40% with 8 search samples over 2 draws")
     folders = [str(tmp_path / "draws" / "search_draws" / f"draw_{d}") for d in (2, 3)]
     monkeypatch.setattr(sys, "argv", ["search_draws", "--draws", "--add", *folders, "--out", str(tmp_path / "sum")])
@@ -850,6 +851,8 @@ def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_d
     assert row["held-out diff mean"] == pytest.approx((0.02 + 0 - 0.04) / 3)
     assert row["held-out diff se"] == pytest.approx(statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5)
     assert row["gap diff t"] == pytest.approx(-0.5547, abs=1e-4)  # (-0.02 / 3) / (0.020817 / sqrt(3)), by hand
+    # Student's t with 2 df has the closed-form cdf 1/2 + t / (2 sqrt(2 + t^2)): two-sided p = 1 - |t| / sqrt(2 + t^2)
+    assert row["gap diff p"] == pytest.approx(1 - 0.5547 / (2 + 0.5547 ** 2) ** 0.5, abs=1e-4)
     assert row["held-out diff t"] == pytest.approx((-0.02 / 3) / (statistics.stdev([0.02, 0.0, -0.04]) / 3 ** 0.5))
 
     draws = {d: [{**r, "iid gap": 2 * r["gap"]} for r in rs] for d, rs in {1: rows(0.02, 0.05), 2: rows(0.04, 0.03)}.items()}
@@ -857,7 +860,28 @@ def test_search_draws_pairs_each_penalised_gap_with_the_unpenalised_one_of_its_d
     assert iid["gap diff mean"] == pytest.approx((-0.06 + 0.02) / 2) and (iid["smaller"], iid["larger"]) == (1, 1)
 
     (single,) = paired_gaps({1: rows(0.02, 0.05)})
-    assert single["gap diff se"] == 0.0 and single["gap diff t"] == ""  # one draw: no spread, no t
+    assert single["gap diff se"] == 0.0 and single["gap diff t"] == single["gap diff p"] == ""  # one draw: no spread
+
+
+def test_search_draws_puts_the_searches_of_each_draw_side_by_side():
+    from benchmarks.search_draws import per_draw
+
+    def rows(held, gaps, losses, chosen):  # (penalised, unpenalised) each
+        return [{"method": "ecoflap (zeroth)", "held-out acc": 0.5, "gap": 0.0, "held-out loss": 0.9},
+                *({"method": m, "held-out acc": h, "gap": g, "loss gap": lg, "held-out loss": 0.7, "chosen": c}
+                  for m, h, g, lg, c in zip(["search (bernstein x0.25)", "search (no penalty)"], held, gaps, losses,
+                                            chosen))]
+
+    searches, table = per_draw({3: rows((0.6, 0.55), (-0.01, 0.02), (0.03, 0.06), ("ecoflap [1, -2]", "uniform [0, 0]")),
+                                1: rows((0.62, 0.58), (0.002, 0.011), (0.034, 0.061), ("ecoflap [3]", "ecoflap [-4]"))})
+    assert searches == ["search (bernstein x0.25)", "search (no penalty)"]  # the baselines left out
+    assert [r["draw"] for r in table] == [1, 3]
+    assert table[0] == {"draw": 1, "held-out acc": "0.620 / 0.580", "gap": "0.002 / 0.011", "loss gap": "0.034 / 0.061",
+                        "held-out loss": "0.700 / 0.700", "chosen steps": "3 / 4"}
+    assert table[1]["chosen steps"] == "3 / 0"
+    no_loss = {1: [{k: v for k, v in r.items() if k not in ("loss gap", "held-out loss")}
+                   for r in rows((0.6, 0.5), (0.0, 0.1), (0, 0), ("ecoflap [1]", "ecoflap [2]"))]}
+    assert list(per_draw(no_loss)[1][0]) == ["draw", "held-out acc", "gap", "chosen steps"]  # only what every row has
 
 
 def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
