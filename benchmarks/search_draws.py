@@ -15,7 +15,7 @@ the rows a separate run per draw would give. The script then summarises each met
   the paired t statistic and its two-sided p-value;
 - the same for the ``loss gap`` (held-out answer loss minus search-set answer loss) with
   ``--objective loss``, the objective of the image-to-text models such as ``vision_lm``;
-- each draw's searches side by side (held-out accuracy, gaps, held-out loss, distance from the base).
+- each draw's searches side by side (held-out accuracy, gaps, held-out loss, base and distance from it).
 
     python -m benchmarks.search_draws --sparsity 0.7 --size 64 --draws 1 2 3 4 5 --penalties 1 0.1 0 \
         --rounds 5 --population 8 --objective probability
@@ -161,8 +161,8 @@ def paired_gaps(draws: dict[int, list[dict]], gap: str = "gap") -> list[dict]:
 def per_draw(draws: dict[int, list[dict]]) -> tuple[list[str], list[dict]]:
     """The searches of each draw side by side: their names (in the order of the draws' rows) and one row per
     draw whose cells join the searches' values with " / " in that order: held-out accuracy, gap, the other
-    gaps and the held-out loss where every search row has them, and the chosen policy's distance from its
-    base (:func:`steps`)."""
+    gaps and the held-out loss where every search row has them, and the chosen policy's base with its
+    distance from it (:func:`steps`)."""
     searches = [r["method"] for r in next(iter(draws.values())) if r.get("chosen")] if draws else []
     rows = [r for d in draws.values() for r in d if r["method"] in searches]
     columns = [c for c in ("held-out acc", "gap", *OTHER_GAPS, "held-out loss") if all(c in r for r in rows)]
@@ -170,7 +170,8 @@ def per_draw(draws: dict[int, list[dict]]) -> tuple[list[str], list[dict]]:
     for draw in sorted(draws):
         by_method = {r["method"]: r for r in draws[draw]}
         table.append({"draw": draw, **{c: " / ".join(f"{by_method[m][c]:.3f}" for m in searches) for c in columns},
-                      "chosen steps": " / ".join(str(steps(by_method[m]["chosen"])) for m in searches)})
+                      "base, steps": " / ".join(f"{chosen_policy(by_method[m]['chosen']).base} "
+                                                f"{steps(by_method[m]['chosen'])}" for m in searches)})
     return searches, table
 
 
@@ -343,8 +344,8 @@ def main() -> None:
                       for gap in measured))
     searches, table = per_draw(draws)
     if searches:
-        text += (f"\nPer draw ({' / '.join(searches)}; `chosen steps`: the chosen policy's distance from its base, in "
-                 f"grid steps):\n\n{markdown_table(table, list(table[0]))}\n")
+        text += (f"\nPer draw ({' / '.join(searches)}; `base, steps`: the chosen policy's base and its distance from "
+                 f"it, in grid steps):\n\n{markdown_table(table, list(table[0]))}\n")
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "search_draws.md").write_text(text)

@@ -877,11 +877,11 @@ def test_search_draws_puts_the_searches_of_each_draw_side_by_side():
     assert searches == ["search (bernstein x0.25)", "search (no penalty)"]  # the baselines left out
     assert [r["draw"] for r in table] == [1, 3]
     assert table[0] == {"draw": 1, "held-out acc": "0.620 / 0.580", "gap": "0.002 / 0.011", "loss gap": "0.034 / 0.061",
-                        "held-out loss": "0.700 / 0.700", "chosen steps": "3 / 4"}
-    assert table[1]["chosen steps"] == "3 / 0"
+                        "held-out loss": "0.700 / 0.700", "base, steps": "ecoflap 3 / ecoflap 4"}
+    assert table[1]["base, steps"] == "ecoflap 3 / uniform 0"
     no_loss = {1: [{k: v for k, v in r.items() if k not in ("loss gap", "held-out loss")}
                    for r in rows((0.6, 0.5), (0.0, 0.1), (0, 0), ("ecoflap [1]", "ecoflap [2]"))]}
-    assert list(per_draw(no_loss)[1][0]) == ["draw", "held-out acc", "gap", "chosen steps"]  # only what every row has
+    assert list(per_draw(no_loss)[1][0]) == ["draw", "held-out acc", "gap", "base, steps"]  # only what every row has
 
 
 def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
