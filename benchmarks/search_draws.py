@@ -162,16 +162,16 @@ def per_draw(draws: dict[int, list[dict]]) -> tuple[list[str], list[dict]]:
     """The searches of each draw side by side: their names (in the order of the draws' rows) and one row per
     draw whose cells join the searches' values with " / " in that order: held-out accuracy, gap, the other
     gaps and the held-out loss where every search row has them, and the chosen policy's base with its
-    distance from it (:func:`steps`)."""
+    distance from it (:attr:`Policy.complexity`, as :func:`steps`)."""
     searches = [r["method"] for r in next(iter(draws.values())) if r.get("chosen")] if draws else []
     rows = [r for d in draws.values() for r in d if r["method"] in searches]
     columns = [c for c in ("held-out acc", "gap", *OTHER_GAPS, "held-out loss") if all(c in r for r in rows)]
     table = []
     for draw in sorted(draws):
         by_method = {r["method"]: r for r in draws[draw]}
+        policies = [chosen_policy(by_method[m]["chosen"]) for m in searches]
         table.append({"draw": draw, **{c: " / ".join(f"{by_method[m][c]:.3f}" for m in searches) for c in columns},
-                      "base, steps": " / ".join(f"{chosen_policy(by_method[m]['chosen']).base} "
-                                                f"{steps(by_method[m]['chosen'])}" for m in searches)})
+                      "base, steps": " / ".join(f"{p.base} {p.complexity}" for p in policies)})
     return searches, table
 
 
@@ -328,8 +328,7 @@ def main() -> None:
     numbers = sorted(draws)
     searched = ran_options(ran)  # what the draws ran (the options above when they ran here)
     text = (f"Policy search at {searched.sparsity:.0%} with {max(searched.sizes)} search samples over {len(numbers)} "
-            f"draws of "
-            f"them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
+            f"draws of them (allocation.search.sample_seed = {', '.join(map(str, numbers))}); held-out set, calibration "
             f"and ECoFLaP's scores fixed. `gap` = search-set accuracy - held-out accuracy; `beats ECoFLaP`: draws "
             f"whose held-out accuracy is above ECoFLaP's"
             f"{''.join('; ' + GAP_NOTES[g] for g in measured)}. "
