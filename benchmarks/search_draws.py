@@ -77,11 +77,6 @@ def chosen_policy(chosen: str) -> Policy:
     return Policy(base, tuple(int(v) for v in re.findall(r"-?\d+", offsets)))
 
 
-def steps(chosen: str) -> int:
-    """How far a chosen policy lies from its base: the sum of |offsets| (grid steps)."""
-    return chosen_policy(chosen).complexity
-
-
 def summarize(draws: dict[int, list[dict]]) -> list[dict]:
     """One row per method (dense left out) over the draws' result rows (as :func:`benchmarks.search.run`
     returns them): held-out accuracy and gap, mean and sample standard deviation, in how many draws
@@ -95,7 +90,7 @@ def summarize(draws: dict[int, list[dict]]) -> list[dict]:
             if r["method"] != "dense":
                 per_method.setdefault(r["method"], []).append(
                     {**r, "beats": r["held-out acc"] > ecoflap["held-out acc"],
-                     "distance": steps(r["chosen"]) if r.get("chosen") else None})
+                     "distance": chosen_policy(r["chosen"]).complexity if r.get("chosen") else None})
     summary = []
     for method, rows in per_method.items():
         spread = statistics.stdev if len(rows) > 1 else (lambda _: 0.0)
@@ -162,7 +157,7 @@ def per_draw(draws: dict[int, list[dict]]) -> tuple[list[str], list[dict]]:
     """The searches of each draw side by side: their names (in the order of the draws' rows) and one row per
     draw whose cells join the searches' values with " / " in that order: held-out accuracy, gap, the other
     gaps and the held-out loss where every search row has them, and the chosen policy's base with its
-    distance from it (:attr:`Policy.complexity`, as :func:`steps`)."""
+    distance from it in grid steps (:attr:`Policy.complexity`)."""
     searches = [r["method"] for r in next(iter(draws.values())) if r.get("chosen")] if draws else []
     rows = [r for d in draws.values() for r in d if r["method"] in searches]
     columns = [c for c in ("held-out acc", "gap", *OTHER_GAPS, "held-out loss") if all(c in r for r in rows)]
