@@ -6,11 +6,12 @@ reference sets s_max = p + 0.1, and with it a group can never be pruned more tha
 target. This script scores once (``scoring.method=zeroth_order`` or ``first_order`` with the
 ``-S`` overrides given), prunes with Wanda (``--pruning sparsegpt``: SparseGPT) at each
 ``SPARSITY:S_MAX`` pair (``d`` = the default p + 0.1), and divides each perplexity by that of the same
-pruner with a uniform allocation at the same sparsity, measured in the same run. Sizes:
+pruner with a uniform allocation at the same sparsity, measured in the same run (``--owl``: OWL's
+allocation at each sparsity too, as a baseline beside). Sizes:
 ``benchmarks.llm``'s profiles (default ``quick``).
 
     python -m benchmarks.s_max --runs 0.6:d 0.6:0.8 0.7:d 0.7:0.9 [-S scoring.n_directions=7] \
-        [--scoring zeroth_order] [--profile quick] [--pruning wanda]
+        [--scoring zeroth_order] [--profile quick] [--pruning wanda] [--owl]
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def parse_run(text: str) -> tuple[float, float | None]:
 
 
 def sweep(params_path: str, runs: list[tuple[float, float | None]], scoring: str, overrides: list[str],
-          pruning: str = "wanda") -> dict:
+          pruning: str = "wanda", owl: bool = False) -> dict:
     """Dense, one score stage, uniform ``pruning`` at each sparsity of ``runs`` and ECoFLaP + ``pruning`` at
-    each (sparsity, s_max) pair (None: the default cap); every stage gets ``overrides``."""
+    each (sparsity, s_max) pair (None: the default cap); with ``owl``, OWL + ``pruning`` at each sparsity
+    too (its own score stage: the outlier ratios). Every stage gets ``overrides``."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -49,6 +51,15 @@ def sweep(params_path: str, runs: list[tuple[float, float | None]], scoring: str
             uniform[s] = r["pruned"]["perplexity"]
             rows.append({"allocation": "uniform", "sparsity": s, "overall": r["sparsity"]["overall"], "s_max": "",
                          "perplexity": uniform[s], "x uniform": 1.0, "prune s": r["prune"]["wall_s"]})
+            print(rows[-1], flush=True)
+        if owl:
+            run_score(params_path, overrides, Config("owl", "none", pruning), str(tmp / "shared"), str(tmp / "owl"))
+        for s in sorted({s for s, _ in runs}) if owl else []:
+            r = run_config(params_path, overrides, Config("owl", "none", pruning, s), str(tmp / "owl"),
+                           str(tmp / f"owl-{s}"))
+            rows.append({"allocation": "owl", "sparsity": s, "overall": r["sparsity"]["overall"], "s_max": "",
+                         "perplexity": r["pruned"]["perplexity"], "x uniform": r["pruned"]["perplexity"] / uniform[s],
+                         "prune s": r["prune"]["wall_s"]})
             print(rows[-1], flush=True)
         for i, (s, cap) in enumerate(runs):
             config = Config("ecoflap", scoring, pruning, s)
@@ -70,13 +81,14 @@ def main() -> None:
     parser.add_argument("--scoring", choices=["zeroth_order", "first_order"], default="zeroth_order")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--pruning", choices=["wanda", "sparsegpt"], default="wanda")
+    parser.add_argument("--owl", action="store_true", help="also OWL + the pruner at each sparsity")
     parser.add_argument("--params", default="params/presets/smollm2.yaml")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="params override for every stage, e.g. scoring.n_directions=7 (repeatable)")
     parser.add_argument("--out", default="benchmarks/results/s_max.md")
     args = parser.parse_args()
     result = sweep(args.params, [parse_run(r) for r in args.runs], args.scoring,
-                   [*PROFILES[args.profile], "model.device=cpu", *args.overrides], args.pruning)
+                   [*PROFILES[args.profile], "model.device=cpu", *args.overrides], args.pruning, args.owl)
     columns = ["allocation", "sparsity", "overall", "s_max", "perplexity", "x uniform", "prune s"]
     text = (f"SmolLM2-135M-Instruct, Wikipedia summaries, {args.pruning}, profile {args.profile}: "
             f"{' '.join(PROFILES[args.profile])}; "
@@ -85,7 +97,7 @@ def main() -> None:
             f"Machine: {machine()}; 1-minute load average when written: {os.getloadavg()[0]:.1f} (other jobs on "
             f"the machine inflate the stage times).\nCommand: python -m benchmarks.s_max --runs {' '.join(args.runs)} "
             f"--scoring {args.scoring} --profile {args.profile}"
-            f"{'' if args.pruning == 'wanda' else ' --pruning ' + args.pruning}"
+            f"{'' if args.pruning == 'wanda' else ' --pruning ' + args.pruning}{' --owl' if args.owl else ''}"
             f"{''.join(' -S ' + o for o in args.overrides)}\n\n"
             f"{markdown_table(result['rows'], columns)}\n")
     print(text)

@@ -170,23 +170,27 @@ def per_draw(draws: dict[int, list[dict]]) -> tuple[list[str], list[dict]]:
     return searches, table
 
 
+def ran_command(folder: Path) -> str:
+    """The command a ``draw_<d>`` folder's search ran: the ``Command:`` line of its one ``search_*.md`` table,
+    without the draw's seeds (``-S allocation.search.sample_seed=d``, ``--seed d``)."""
+    tables = sorted(folder.glob("search_*.md"))
+    if not re.fullmatch(r"draw_(\d+)", folder.name) or not (folder / "rows.json").exists() or len(tables) != 1:
+        raise SystemExit(f"--add {folder}: not a draw folder (draw_<d> with rows.json and one search_*.md table)")
+    line = next((ln for ln in tables[0].read_text().splitlines() if ln.startswith("Command: ")), "")
+    return re.sub(r" -S allocation\.search\.sample_seed=\d+| --seed \d+", "", line)[len("Command: "):]
+
+
 def earlier_draws(folders: list[Path]) -> tuple[dict[int, list[dict]], str]:
-    """The rows of earlier draws, by draw number, from their ``draw_<d>`` folders (``rows.json`` and the
-    table whose ``Command:`` line says what ran), and that command without the draw's seeds
-    (``-S allocation.search.sample_seed=d``, ``--seed d``). Refuses a folder without them, a draw number
-    that comes twice, and draws that ran different searches (their commands must be equal)."""
+    """The rows of earlier draws, by draw number, from their ``draw_<d>`` folders, and the command they ran
+    (:func:`ran_command`). Refuses a folder that is not a draw folder, a draw number that comes twice, and
+    draws that ran different searches (their commands must be equal)."""
     draws: dict[int, list[dict]] = {}
     commands: dict[str, list[int]] = {}
     for folder in folders:
-        match = re.fullmatch(r"draw_(\d+)", folder.name)
-        tables = sorted(folder.glob("search_*.md"))
-        if not match or not (folder / "rows.json").exists() or len(tables) != 1:
-            raise SystemExit(f"--add {folder}: not a draw folder (draw_<d> with rows.json and one search_*.md table)")
-        draw = int(match.group(1))
+        command = ran_command(folder)
+        draw = int(folder.name.removeprefix("draw_"))
         if draw in draws:
             raise SystemExit(f"--add: draw {draw} comes twice")
-        line = next((ln for ln in tables[0].read_text().splitlines() if ln.startswith("Command: ")), "")
-        command = re.sub(r" -S allocation\.search\.sample_seed=\d+| --seed \d+", "", line)[len("Command: "):]
         commands.setdefault(command, []).append(draw)
         draws[draw] = json.loads((folder / "rows.json").read_text())
         if (folder / "iid.json").exists():
@@ -288,7 +292,7 @@ def main() -> None:
         raise SystemExit("nothing to summarise: give --draws, --add or both")
     if args.iid:
         measure_iid(args.add)
-    draws, _ = earlier_draws(args.add)
+    draws, ran = earlier_draws(args.add)
     if overlap := sorted(set(draws) & set(args.draws)):
         raise SystemExit(f"--draws {overlap} are already in the --add folders")
     bench = None
@@ -307,11 +311,13 @@ def main() -> None:
                 bench.draw_samples(draw, draw)
             draws[draw] = run(options, bench)
             (Path(options.out) / "rows.json").write_text(json.dumps(draws[draw], indent=1) + "\n")
+            command = ran_command(Path(options.out))
+            if ran and command != ran:  # stop at the first draw that differs, not after all of them
+                raise SystemExit(f"draw {draw} ran another search than the --add draws:\n  {command}\n  {ran}")
+            ran = command
     finally:
         if bench is not None:
             bench.close()
-    folders = [*args.add, *(Path(args.out) / "search_draws" / f"draw_{d}" for d in args.draws)]
-    _, ran = earlier_draws(folders)  # the new draws ran the same search as the added ones
     if args.draws:
         options = {k: v for k, v in vars(args).items() if k not in ("overrides", "out", "add", "iid")}
         command = shell_command("benchmarks.search_draws", options) + "".join(f" -S {o}" for o in args.overrides)

@@ -568,6 +568,12 @@ def test_search_draws_on_a_tiny_vision_lm_share_one_bench_and_match_separate_run
     monkeypatch.setattr(sys, "argv", ["search_draws", "--draws", "--add", *folders, "--out", str(tmp_path / "sum")])
     search_draws.main()  # a summary of earlier draws only: the title says what they ran, not the defaults (70%)
     assert (tmp_path / "sum" / "search_draws.md").read_text().startswith("Policy search at 40% with 8 search samples")
+    # a new draw that runs another search than the --add ones stops after that draw, with both commands
+    monkeypatch.setattr(sys, "argv", ["search_draws", *search[2:], "--sparsity", "0.5", "--draws", "4", "--add",
+                                      *folders, "--out", str(tmp_path / "more")])
+    with pytest.raises(SystemExit, match=r"draw 4 ran another search than the --add draws:\n.*--sparsity 0\.5"):
+        search_draws.main()
+    assert not (tmp_path / "more" / "search_draws.md").exists()
 
     # draw 3 shared the bench (model, calibration, scores, held-out metrics) of draw 2: the same rows as alone
     shared = json.loads((tmp_path / "draws" / "search_draws" / "draw_3" / "rows.json").read_text())
@@ -781,8 +787,11 @@ def test_s_max_sweep_passes_its_pruner_to_every_row(tmp_path, small_threads, mon
         return result
 
     monkeypatch.setattr(s_max, "run_config", spy)
-    s_max.sweep(params_file, [(0.5, None)], "first_order", S_MAX_TINY_SIZES, pruning="sparsegpt")
-    assert pruned_with == ["sparsegpt", "sparsegpt"]  # uniform and ECoFLaP
+    result = s_max.sweep(params_file, [(0.5, None)], "first_order", S_MAX_TINY_SIZES, pruning="sparsegpt", owl=True)
+    assert pruned_with == ["sparsegpt"] * 3  # uniform, OWL and ECoFLaP
+    uniform, owl, ecoflap = result["rows"]
+    assert (owl["allocation"], owl["sparsity"]) == ("owl", 0.5)
+    assert owl["x uniform"] == pytest.approx(owl["perplexity"] / uniform["perplexity"])
 
 
 def test_search_draws_summarises_each_method_over_the_draws():
