@@ -194,6 +194,17 @@ def suite_markdown(result: SuiteResult, images: list[str] = ()) -> str:
 
 # ---- plots ----
 
+def line_styles(n: int) -> list[tuple[tuple[float, ...], str]]:
+    """A (colour, marker) pair for each of ``n`` lines, no two alike: tab10's colours for up to 10 lines,
+    tab20's beyond, then the next marker once the colours run out (matplotlib's default cycle repeats its
+    10 colours, so a grid suite's 11th line looked like its 1st)."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10" if n <= 10 else "tab20"].colors
+    markers = "os^Dv<>p*h"
+    return [(colours[i % len(colours)], markers[i // len(colours) % len(markers)]) for i in range(n)]
+
+
 def plot_metric(result: SuiteResult, path: Path) -> Path | None:
     rows = [r for r in _ok(result.rows) if r.get(result.metric) is not None and r.get(result.x) is not None]
     if not rows:
@@ -205,9 +216,10 @@ def plot_metric(result: SuiteResult, path: Path) -> Path | None:
     from vlmprune.plots import save_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r[result.group] for r in rows):
+    methods = list(dict.fromkeys(r[result.group] for r in rows))
+    for method, (colour, marker) in zip(methods, line_styles(len(methods))):
         points = sorted((r[result.x], r[result.metric]) for r in rows if r[result.group] == method)
-        ax.plot(*zip(*points), marker="o", label=method)
+        ax.plot(*zip(*points), color=colour, marker=marker, label=method)
     dense = (result.dense or {}).get(result.metric)
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")

@@ -16,7 +16,9 @@ from benchmarks.grid import Config
 from benchmarks.report import (
     MarkerError,
     SuiteResult,
+    line_styles,
     losses,
+    plot_metric,
     published_table,
     replace_section,
     update_readme,
@@ -66,6 +68,19 @@ def test_ratios_to_uniform_and_dense():
     assert rows["owl + wanda @ 50%"]["x uniform"] == pytest.approx(0.4 / 0.5)
     assert rows["owl + wanda @ 50%"]["x dense"] == pytest.approx(0.4)
     assert rows["uniform + wanda @ 50%"]["x uniform"] is None  # a uniform row is its own baseline
+
+
+def test_every_line_of_a_metric_plot_has_its_own_colour_and_marker(tmp_path, monkeypatch):
+    for n in (1, 10, 11, 20, 21, 45):
+        assert len(set(line_styles(n))) == n
+    result = accuracy_result()  # 4 methods; 14 more make 18, past the 10 colours of matplotlib's own cycle
+    result.rows += [{**result.rows[0], "method": f"m{i}", "zero_shot_accuracy": i / 20} for i in range(14)]
+    figures = []
+    monkeypatch.setattr("vlmprune.plots.save_png", lambda fig, path: figures.append(fig))
+    plot_metric(result, tmp_path / "a.png")
+    lines = [ln for ln in figures[0].axes[0].get_lines() if ln.get_label() != "dense"]
+    assert len(lines) == 18
+    assert len({(ln.get_color(), ln.get_marker()) for ln in lines}) == 18
 
 
 def test_losses_follow_the_metric_direction():
