@@ -45,32 +45,30 @@ def sweep(params_path: str, runs: list[tuple[float, float | None]], scoring: str
         score = run_score(params_path, overrides, first, str(tmp / "shared"), str(tmp / "score"))
         run_score(params_path, overrides, Config(), str(tmp / "shared"), str(tmp / "none"))
         uniform = {}
-        for s in sorted({s for s, _ in runs}):
-            r = run_config(params_path, overrides, Config("uniform", "none", pruning, s), str(tmp / "none"),
-                           str(tmp / f"uniform-{s}"))
-            uniform[s] = r["pruned"]["perplexity"]
-            rows.append({"allocation": "uniform", "sparsity": s, "overall": r["sparsity"]["overall"], "s_max": "",
-                         "perplexity": uniform[s], "x uniform": 1.0, "prune s": r["prune"]["wall_s"]})
+
+        def add_row(allocation: str, s: float, r: dict, s_max: str = "") -> None:
+            perplexity = r["pruned"]["perplexity"]
+            if allocation == "uniform":  # the uniform rows come first: each is its own baseline
+                uniform[s] = perplexity
+            ratio = 1.0 if allocation == "uniform" else perplexity / uniform[s]
+            rows.append({"allocation": allocation, "sparsity": s, "overall": r["sparsity"]["overall"], "s_max": s_max,
+                         "perplexity": perplexity, "x uniform": ratio, "prune s": r["prune"]["wall_s"]})
             print(rows[-1], flush=True)
+
+        sparsities = sorted({s for s, _ in runs})
+        for s in sparsities:
+            add_row("uniform", s, run_config(params_path, overrides, Config("uniform", "none", pruning, s),
+                                             str(tmp / "none"), str(tmp / f"uniform-{s}")))
         if owl:
             run_score(params_path, overrides, Config("owl", "none", pruning), str(tmp / "shared"), str(tmp / "owl"))
-        for s in sorted({s for s, _ in runs}) if owl else []:
-            r = run_config(params_path, overrides, Config("owl", "none", pruning, s), str(tmp / "owl"),
-                           str(tmp / f"owl-{s}"))
-            rows.append({"allocation": "owl", "sparsity": s, "overall": r["sparsity"]["overall"], "s_max": "",
-                         "perplexity": r["pruned"]["perplexity"], "x uniform": r["pruned"]["perplexity"] / uniform[s],
-                         "prune s": r["prune"]["wall_s"]})
-            print(rows[-1], flush=True)
+            for s in sparsities:
+                add_row("owl", s, run_config(params_path, overrides, Config("owl", "none", pruning, s),
+                                             str(tmp / "owl"), str(tmp / f"owl-{s}")))
         for i, (s, cap) in enumerate(runs):
-            config = Config("ecoflap", scoring, pruning, s)
             r = run_config(params_path, [*overrides, *([f"allocation.s_max={cap}"] if cap is not None else [])],
-                           config, str(tmp / "score"), str(tmp / f"ecoflap-{i}"))
-            rows.append({"allocation": f"ecoflap ({scoring.split('_')[0]})", "sparsity": s,
-                         "overall": r["sparsity"]["overall"],
-                         "s_max": f"{s + 0.1:.2f} (default)" if cap is None else f"{cap:.2f}",
-                         "perplexity": r["pruned"]["perplexity"], "x uniform": r["pruned"]["perplexity"] / uniform[s],
-                         "prune s": r["prune"]["wall_s"]})
-            print(rows[-1], flush=True)
+                           Config("ecoflap", scoring, pruning, s), str(tmp / "score"), str(tmp / f"ecoflap-{i}"))
+            add_row(f"ecoflap ({scoring.split('_')[0]})", s, r,
+                    f"{s + 0.1:.2f} (default)" if cap is None else f"{cap:.2f}")
     return {"dense": dense["metrics"]["perplexity"], "score s": score["wall_s"], "rows": rows}
 
 
