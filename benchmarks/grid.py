@@ -103,8 +103,10 @@ def run_config(params_path: str, overrides: list[str], config: Config, scored: s
             "prune": m["stages"]["prune"], "evaluate": m["stages"]["evaluate"]}
 
 
-def run_grid(params_path: str, configs: list[Config], base_overrides: list[str] = (), log=print) -> tuple[dict, list[dict]]:
-    """Returns (dense metrics with the shared stages' costs, one row per configuration), in one process."""
+def run_grid(params_path: str, configs: list[Config], base_overrides: list[str] = (), log=print,
+             on_row=None) -> tuple[dict, list[dict]]:
+    """Returns (dense metrics with the shared stages' costs, one row per configuration), in one process.
+    ``on_row(dense, rows)``, if given, is called after each configuration with the rows so far."""
     rows = []
     base_overrides = list(base_overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,4 +121,6 @@ def run_grid(params_path: str, configs: list[Config], base_overrides: list[str] 
                                                   str(Path(tmp) / f"config-{i}"))}
             rows.append(row)
             log(json.dumps({k: v for k, v in row.items() if k != "config"}, default=str))
+            if on_row:
+                on_row(dense, rows)
     return dense, rows

@@ -933,3 +933,29 @@ def test_search_draws_adds_earlier_draws_that_ran_the_same_search(tmp_path):
         earlier_draws([old, draw_folder("again", 1, command)])
     with pytest.raises(SystemExit, match="not a draw folder"):
         earlier_draws([tmp_path / "old"])
+
+
+def test_llm_allocations_grid_and_ratios_to_the_same_pruners_uniform_row():
+    from benchmarks.llm import allocations_grid, report, x_uniform
+
+    grid = allocations_grid([0.6, 0.7])
+    assert len(grid) == 16 and len(set(grid)) == 16
+    assert {(c.allocation, c.scoring) for c in grid} == {
+        ("uniform", "none"), ("owl", "none"), ("ecoflap", "zeroth_order"), ("ecoflap", "first_order")}
+    assert {c.pruner for c in grid} == {"wanda", "sparsegpt"} and {c.sparsity for c in grid} == {0.6, 0.7}
+
+    def row(config, perplexity):
+        usage = {"wall_s": 1.0, "peak_rss_mb": 1.0}
+        return {"config": config, "label": config.label, "pruned": {"perplexity": perplexity},
+                "sparsity": {"overall": config.sparsity}, "score": usage, "prune": usage}
+
+    rows = [row(Config("uniform", "none", "wanda", 0.6), 100.0), row(Config("uniform", "none", "sparsegpt", 0.6), 50.0),
+            row(Config("ecoflap", "first_order", "wanda", 0.6), 80.0),
+            row(Config("ecoflap", "first_order", "sparsegpt", 0.6), 60.0),
+            row(Config("owl", "none", "wanda", 0.7), 700.0)]  # no uniform row at 70%: no ratio
+    assert x_uniform(rows) == [1.0, 1.0, 0.8, 1.2, ""]
+    dense = {"metrics": {"perplexity": 15.0}, "baseline": {"wall_s": 1.0}, "calibrate": {"wall_s": 2.0}}
+    partial = report(dense, rows, 16, "quick", "cmd", gpu=False)
+    assert "Partial: 5 of 16 configurations ran." in partial and "GPU MB" not in partial
+    assert "| ecoflap-first + sparsegpt @ 60% | 0.600 | 60.000 | 1.200 |" in partial
+    assert "Partial" not in report(dense, rows, 5, "quick", "cmd", gpu=True)

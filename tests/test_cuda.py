@@ -225,3 +225,15 @@ def test_par_router_training_runs_on_cuda_as_on_the_cpu():
         losses = train_router(gpu_dec, router, examples, 2, 1e-2, 4, points=[(0.5, 0.5), (0.5, 1.0)],
                               token_loss=token_loss)
         assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_measure_in_a_process_that_has_not_started_cuda_yet():
+    """Every pipeline stage opens ``measure()`` before it touches the GPU: resetting the peak there crashed the
+    first stage on torch 2.11 ('Invalid device argument'). A fresh process, so that CUDA is not yet started."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom vlmprune.profiling import measure\nassert not torch.cuda.is_initialized()\n"
+            "with measure() as usage:\n    x = torch.ones(1024, 1024, device='cuda')\nprint(usage.peak_cuda_mb)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out.strip().splitlines()[-1]) >= 4.0  # the 4 MiB tensor

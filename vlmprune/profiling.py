@@ -47,8 +47,8 @@ def measure(interval_s: float = 0.02):
 
     thread = threading.Thread(target=sample, daemon=True)
     gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
-    for gpu in gpus:
-        torch.cuda.reset_peak_memory_stats(gpu)
+    for gpu in gpus if torch.cuda.is_initialized() else ():  # before CUDA starts there is no peak to reset
+        torch.cuda.reset_peak_memory_stats(gpu)  # (and torch 2.11 refuses: 'Invalid device argument')
     start = time.perf_counter()
     thread.start()
     try:
