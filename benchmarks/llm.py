@@ -48,7 +48,7 @@ GRIDS = {
 
 def allocations_grid(sparsities: list[float]) -> list[Config]:
     """Uniform, OWL, ECoFLaP-zeroth and ECoFLaP-first allocations, each with Wanda and with SparseGPT, at each
-    sparsity: the comparison METHODS.md section 2 asks for."""
+    sparsity: the quality table of the ECoFLaP issue (#4)."""
     allocations = (("uniform", "none"), ("owl", "none"), ("ecoflap", "zeroth_order"), ("ecoflap", "first_order"))
     return [Config(a, sc, p, s) for s in sparsities for p in ("wanda", "sparsegpt") for a, sc in allocations]
 
@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+",
                         help="instead of the profile's grid: unstructured configurations at these sparsities")
     parser.add_argument("--allocations", action="store_true",
-                        help="with --sparsities: uniform, OWL and both ECoFLaP scores, each with Wanda and SparseGPT")
+                        help="uniform, OWL and both ECoFLaP scores, each with Wanda and SparseGPT, at --sparsities "
+                             "(default 0.5 0.6 0.7)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -104,7 +105,7 @@ def report(dense: dict, rows: list[dict], total: int, profile: str, command: str
     table = [{"method": "dense", "sparsity": 0.0, "perplexity": dense["metrics"]["perplexity"],
               "eval s": dense["baseline"]["wall_s"]}]
     for r, ratio in zip(rows, x_uniform(rows)):
-        scored = r["config"].scoring != "none"
+        scored = r["config"].scoring != "none" or r["config"].allocation == "owl"  # OWL's stage: outlier ratios
         table.append({
             "method": r["label"], "sparsity": r["sparsity"]["overall"], "perplexity": r["pruned"]["perplexity"],
             "x uniform": ratio,
@@ -124,6 +125,7 @@ def report(dense: dict, rows: list[dict], total: int, profile: str, command: str
             f"Dense calibration sample drawn in {dense['calibrate']['wall_s']:.0f} s.\n"
             f"Machine: {machine()}.\nCommand: {command}\n{partial}\n"
             f"{markdown_table(table, columns)}\n")
+
 
 if __name__ == "__main__":
     main()

@@ -959,3 +959,25 @@ def test_llm_allocations_grid_and_ratios_to_the_same_pruners_uniform_row():
     assert "Partial: 5 of 16 configurations ran." in partial and "GPU MB" not in partial
     assert "| ecoflap-first + sparsegpt @ 60% | 0.600 | 60.000 | 1.200 |" in partial
     assert "Partial" not in report(dense, rows, 5, "quick", "cmd", gpu=True)
+
+
+def test_llm_allocations_run_on_a_tiny_llama_writes_every_row(tmp_path, monkeypatch, small_threads):
+    from benchmarks import llm
+    from tests.tiny import build_tiny_causal_lm
+
+    model, tokenizer = build_tiny_causal_lm("llama")
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {"id": str(tmp_path / "lm"), "device": "cpu"},
+                                      "data": {"name": "wikipedia", "seq_len": 64}}))
+    monkeypatch.setitem(llm.PROFILES, "quick", ["calibration.n_samples=8", "calibration.batch_size=4",
+                                                "data.eval_windows=4", "scoring.n_samples=4", "scoring.batch_size=4"])
+    monkeypatch.setattr(sys, "argv", ["llm", "--params", str(params), "--allocations", "--sparsities", "0.5",
+                                      "--out", str(tmp_path / "out")])
+    llm.main()
+    text = (tmp_path / "out" / "llm_quick_allocations_0.5.md").read_text()
+    assert "Partial" not in text and "--allocations --sparsities 0.5" in text
+    lines = [line for line in text.splitlines() if line.startswith("| ") and "@ 50%" in line]
+    assert len(lines) == 8
+    assert all(line.split(" | ")[3] == "1.000" for line in lines if line.startswith("| uniform"))
