@@ -280,6 +280,10 @@ class SearchParams(Section):
 class AllocationParams(Section):
     method: str = "ecoflap"
     s_max: float | None = Field(None, gt=0, lt=1, description="ecoflap: largest group sparsity (default target + 0.1)")
+    granularity: Literal["group", "layer"] = Field(
+        "group", description="ecoflap: share the budget between groups (blocks, the reference's setting) or between "
+                             "single layers, each with its own score, size, floor and cap (METHODS.md section 2: "
+                             "'the granularity may also be a single layer'); layer needs per-layer scores")
     owl: OwlParams = OwlParams()
     search: SearchParams = SearchParams()
 
@@ -443,6 +447,15 @@ class RunParams(Section):
             )
         if self.allocation.method == "ecoflap" and self.scoring.method == "none":
             raise ValueError("allocation.method 'ecoflap' needs scores: set scoring.method to zeroth_order or first_order")
+        if self.allocation.granularity == "layer":
+            if self.allocation.method not in ("ecoflap", "uniform"):
+                raise ValueError(f"allocation.granularity 'layer' applies to allocation.method ecoflap or uniform, not "
+                                 f"{self.allocation.method!r} (its allocation is per group): set allocation.granularity: "
+                                 "group")
+            if self.scoring.method == "zeroth_order" and self.scoring.granularity == "group":
+                raise ValueError("allocation.granularity 'layer' needs a score per layer, but zeroth-order scores at "
+                                 "scoring.granularity 'group' perturb whole groups (their layer scores are a split by "
+                                 "size): set scoring.granularity: tensor, or use scoring.method: first_order")
         if self.allocation.method == "search":
             search = self.allocation.search
             if "ecoflap" in search.bases and self.scoring.method == "none":

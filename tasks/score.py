@@ -1,4 +1,4 @@
-"""``score``: the prunable layout (groups, sizes) and the global importance score of each group."""
+"""``score``: the prunable layout (groups, sizes) and the global importance score of each group and layer."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def score(params: RunParams) -> str:
             )
             for name, value in result.group_scores.items():
                 rows[name]["score"] = value
+                rows[name]["layer_scores"] = {layer: result.layer_scores[layer] for layer in rows[name]["layers"]}
             cost = {"forward_passes": result.forward_passes, "backward_passes": result.backward_passes}
         if params.allocation.method == "owl":
             batches = calibration_batches(params, params.calibration.batch_size, sample=sample)

@@ -93,3 +93,15 @@ def test_linear_head_needs_the_block_cache():
     with pytest.raises(ParamsError, match="scoring.head"):
         validate({"scoring": {"head": "quadratic"}})
     assert validate({"scoring": {"head": "linear"}}).scoring.head == "linear"
+
+
+def test_layer_allocation_needs_a_per_layer_allocator_and_per_layer_scores():
+    with pytest.raises(ParamsError, match="allocation.granularity 'layer' applies to allocation.method ecoflap or "
+                                          "uniform, not 'owl'"):
+        validate({"allocation": {"method": "owl", "granularity": "layer"}})
+    with pytest.raises(ParamsError, match="set scoring.granularity: tensor, or use scoring.method: first_order"):
+        validate({"allocation": {"granularity": "layer"}, "scoring": {"method": "zeroth_order"}})
+    with pytest.raises(ParamsError, match="allocation.granularity"):
+        validate({"allocation": {"granularity": "block"}})
+    for scoring in ({"method": "first_order"}, {"method": "zeroth_order", "granularity": "tensor"}):
+        assert validate({"allocation": {"granularity": "layer"}, "scoring": scoring}).allocation.granularity == "layer"

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tests.tiny import tiny_params
 from flows.pipeline import STAGES, TASKS
+from vlmprune.allocators import GroupInfo
 
 
 def run_stages(params, stages=STAGES):
@@ -157,6 +158,38 @@ def test_method_combinations_reach_target(tiny_dual_encoder_dir, tmp_path, alloc
         sizes = {name: m.numel() for name, m in masks.items()}
         allocated = sum(sizes[n] * p for n, p in allocation["layers"].items())
         assert abs(allocated - 0.5 * total) <= len(masks)  # within one weight per layer
+
+
+def test_layer_allocation_shares_the_budget_between_single_layers(tiny_dual_encoder_dir, tmp_path):
+    from vlmprune.allocators.ecoflap import ecoflap_kept
+
+    artifacts = tmp_path / "artifacts"
+    params = tiny_params(tiny_dual_encoder_dir, artifacts, allocation={"method": "ecoflap", "granularity": "layer"},
+                         scoring={"method": "first_order"}, pruning={"method": "wanda", "sparsity": 0.5},
+                         tracking={"enabled": False})
+    run_stages(params, STAGES[:STAGES.index("prune") + 1])
+    scores = json.loads((artifacts / "score" / "scores.json").read_text())
+    allocation = json.loads((artifacts / "allocate" / "allocation.json").read_text())
+    sizes = {layer: n for g in scores["groups"] for layer, n in g["layers"].items()}
+    for g in scores["groups"]:  # the layer scores are the group's parts
+        assert sum(g["layer_scores"].values()) == pytest.approx(g["score"], rel=1e-9)
+    layers = allocation["layers"]
+    assert allocation["granularity"] == "layer" and set(layers) == set(sizes)
+    kept = {layer: sizes[layer] - round(sizes[layer] * p) for layer, p in layers.items()}
+    assert sum(kept.values()) == round(0.5 * sum(sizes.values()))  # the budget, exactly, over single layers
+    assert max(layers.values()) <= 0.6 + 1e-12  # s_max = target + 0.1 holds per layer
+    # each layer's own score decides: layers of one group get different sparsities
+    assert any(len({layers[layer] for layer in g["layers"]}) > 1 for g in scores["groups"])
+    units = [GroupInfo(layer, g["tower"], n, g["layer_scores"][layer])
+             for g in scores["groups"] for layer, n in g["layers"].items()]
+    assert kept == ecoflap_kept(units, 0.5)
+    for g in scores["groups"]:  # group sparsities are their layers' size-weighted means
+        mean = sum(sizes[layer] * layers[layer] for layer in g["layers"]) / g["n_params"]
+        assert allocation["groups"][g["name"]] == pytest.approx(mean, abs=1e-12)
+    assert (artifacts / "allocate" / "allocation_layers.png").read_bytes()[:4] == b"\x89PNG"
+    masks = load_file(str(artifacts / "prune" / "masks.safetensors"))  # the prune stage reads the layers
+    for name, mask in masks.items():
+        assert int(mask[0].sum()) == int(mask.shape[1:].numel() * layers[name])
 
 
 def test_whole_flow_under_prefect(prefect_harness, tiny_dual_encoder_dir, tmp_path):

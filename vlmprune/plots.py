@@ -41,6 +41,27 @@ def sparsity_per_group(rows: list[dict], path: Path, title: str, measured_key: s
     save_png(fig, path)
 
 
+def sparsity_per_layer_kind(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per tower: a line per layer kind (the layer's name within its group, e.g.
+    ``self_attn.q_proj``) of its sparsity over the group index.
+
+    ``rows``: dicts with ``tower``, ``index`` (the group's index within its tower), ``kind`` and ``sparsity``.
+    """
+    towers = list(dict.fromkeys(r["tower"] for r in rows))
+    fig, axes = plt.subplots(1, len(towers), figsize=(6.5 * len(towers), 3.8), squeeze=False)
+    for ax, tower in zip(axes[0], towers):
+        members = [r for r in rows if r["tower"] == tower]
+        for kind in dict.fromkeys(r["kind"] for r in members):
+            points = [(r["index"], r["sparsity"]) for r in members if r["kind"] == kind]
+            ax.plot(*zip(*points), ".-", label=kind.lstrip("_"), linewidth=1)  # matplotlib hides "_" labels
+        ax.set_xlabel(f"{tower}: group (block index)")
+        ax.set_ylabel("sparsity")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title)
+    save_png(fig, path)
+
+
 def dense_vs_pruned(metrics: dict[str, dict[str, float]], path: Path, title: str) -> None:
     """Grouped bars of each metric for the dense and the pruned model."""
     names = [k for k in metrics["dense"] if k in metrics["pruned"]]
