@@ -452,7 +452,8 @@ class RunParams(Section):
                 raise ValueError(f"allocation.granularity 'layer' applies to allocation.method ecoflap or uniform, not "
                                  f"{self.allocation.method!r} (its allocation is per group): set allocation.granularity: "
                                  "group")
-            if self.scoring.method == "zeroth_order" and self.scoring.granularity == "group":
+            if (self.allocation.method == "ecoflap" and self.scoring.method == "zeroth_order"
+                    and self.scoring.granularity == "group"):
                 raise ValueError("allocation.granularity 'layer' needs a score per layer, but zeroth-order scores at "
                                  "scoring.granularity 'group' perturb whole groups (their layer scores are a split by "
                                  "size): set scoring.granularity: tensor, or use scoring.method: first_order")

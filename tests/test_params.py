@@ -103,5 +103,7 @@ def test_layer_allocation_needs_a_per_layer_allocator_and_per_layer_scores():
         validate({"allocation": {"granularity": "layer"}, "scoring": {"method": "zeroth_order"}})
     with pytest.raises(ParamsError, match="allocation.granularity"):
         validate({"allocation": {"granularity": "block"}})
+    # uniform reads no scores: any scoring setting goes
+    assert validate({"allocation": {"method": "uniform", "granularity": "layer"}}).allocation.granularity == "layer"
     for scoring in ({"method": "first_order"}, {"method": "zeroth_order", "granularity": "tensor"}):
         assert validate({"allocation": {"granularity": "layer"}, "scoring": scoring}).allocation.granularity == "layer"
