@@ -79,8 +79,9 @@ def main() -> None:
     base = [*PROFILES[args.profile], f"model.device={args.device}"]
     grid, name = GRIDS[args.profile], f"llm_{args.profile}"
     if args.allocations:
-        grid = allocations_grid(args.sparsities or [0.5, 0.6, 0.7])
-        name += "_allocations_" + "_".join(f"{s:g}" for s in args.sparsities or [0.5, 0.6, 0.7])
+        sparsities = args.sparsities or [0.5, 0.6, 0.7]
+        grid = allocations_grid(sparsities)
+        name += "_allocations_" + "_".join(f"{s:g}" for s in sparsities)
     elif args.sparsities:
         grid = [Config(a, sc, p, s) for s in args.sparsities for a, sc, p in
                 (("uniform", "none", "magnitude"), ("uniform", "none", "wanda"), ("uniform", "none", "sparsegpt"),

@@ -11,7 +11,6 @@ and the calibration batches, and prunes candidates); it also writes ``candidates
 from __future__ import annotations
 
 import csv
-import math
 
 from prefect import task
 
@@ -22,20 +21,14 @@ from vlmprune.plots import sparsity_per_group, sparsity_per_layer_kind
 from vlmprune.profiling import measure
 
 
-def _units(scores: dict, granularity: str) -> list[GroupInfo]:
-    """What the allocator shares the budget between: the groups, or (``layer``) every layer of every group,
-    each with its own size and score."""
-    if granularity == "group":
-        return [GroupInfo(g["name"], g["tower"], g["n_params"], g.get("score"), g.get("outlier_ratio"))
-                for g in scores["groups"]]
-    return [GroupInfo(layer, g["tower"], n, g.get("layer_scores", {}).get(layer))
-            for g in scores["groups"] for layer, n in g["layers"].items()]
+def _groups(scores: dict) -> list[GroupInfo]:
+    return [GroupInfo(g["name"], g["tower"], g["n_params"], g.get("score"), g.get("outlier_ratio"))
+            for g in scores["groups"]]
 
 
-def _group_means(scores: dict, layers: dict[str, float]) -> dict[str, float]:
-    """Each group's sparsity from its layers': sum_l N_l p_l / sum_l N_l."""
-    return {g["name"]: math.fsum(n * layers[layer] for layer, n in g["layers"].items()) / g["n_params"]
-            for g in scores["groups"]}
+def _layers(g: dict) -> list[GroupInfo]:
+    """Group ``g`` of ``scores.json`` as single layers, each with its own size and score."""
+    return [GroupInfo(layer, g["tower"], n, g.get("layer_scores", {}).get(layer)) for layer, n in g["layers"].items()]
 
 
 def _layer_rows(scores: dict, layers: dict[str, float]) -> list[dict]:
@@ -67,18 +60,19 @@ def allocate(params: RunParams) -> str:
     granularity = params.allocation.granularity
     result = space = None
     with measure() as usage:
-        groups = _units(scores, "group")
-        if method == "search":
-            from tasks.search import run_search
-
-            result, space = run_search(params, groups, {g["name"]: list(g["layers"]) for g in scores["groups"]})
-            group_sparsity = result.best.sparsity
-        elif granularity == "layer":
-            layers = ALLOCATORS.get(method)(_units(scores, "layer"), target, **_options(params))
-            group_sparsity = _group_means(scores, layers)
+        groups = _groups(scores)
+        if granularity == "layer":
+            units = {g["name"]: _layers(g) for g in scores["groups"]}
+            layers = ALLOCATORS.get(method)([u for us in units.values() for u in us], target, **_options(params))
+            group_sparsity = {name: overall_sparsity(us, layers) for name, us in units.items()}  # size-weighted means
         else:
-            group_sparsity = ALLOCATORS.get(method)(groups, target, **_options(params))
-        if granularity == "group":
+            if method == "search":
+                from tasks.search import run_search
+
+                result, space = run_search(params, groups, {g["name"]: list(g["layers"]) for g in scores["groups"]})
+                group_sparsity = result.best.sparsity
+            else:
+                group_sparsity = ALLOCATORS.get(method)(groups, target, **_options(params))
             layers = {layer: group_sparsity[g["name"]] for g in scores["groups"] for layer in g["layers"]}
     rows = [{"group": g.name, "tower": g.tower, "index": i, "sparsity": group_sparsity[g.name]}
             for i, g in enumerate(groups)]
