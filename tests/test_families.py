@@ -358,6 +358,36 @@ def test_smollm2_preset_wikipedia(tmp_path):
     assert (tmp_path / "artifacts" / "prune" / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_smollm2_ecoflap_preset(tmp_path):
+    """The real SmolLM2-135M pruned by the ECoFLaP preset (first-order scores, budget shared between single
+    layers, Wanda at 60%), at small sizes: the budget is met over the layers, layers of one block get
+    different sparsities, none above the cap p + 0.1, and the pruned model is evaluated."""
+    from pathlib import Path
+
+    from params.schema import load_params
+
+    preset = Path(__file__).resolve().parents[1] / "params" / "presets" / "smollm2_ecoflap.yaml"
+    artifacts = tmp_path / "artifacts"
+    params = load_params(preset, [f"artifacts={artifacts}", "tracking.enabled=false", "calibration.n_samples=8",
+                                  "calibration.batch_size=4", "scoring.n_samples=4", "scoring.batch_size=4",
+                                  "data.seq_len=128", "data.eval_windows=4", "evaluation.batch_size=4"])
+    assert (params.scoring.method, params.allocation.method, params.allocation.granularity) == (
+        "first_order", "ecoflap", "layer")
+    run_stages(params)
+    allocation = json.loads((artifacts / "allocate" / "allocation.json").read_text())
+    layers = allocation["layers"]
+    assert allocation["granularity"] == "layer" and len(layers) == 30 * 7
+    assert max(layers.values()) <= 0.7 + 1e-9
+    first_group = next(iter(allocation["groups"]))
+    block0 = [s for name, s in layers.items() if name.startswith(first_group + ".")]
+    assert len(block0) == 7 and len(set(block0)) > 1
+    metrics = json.loads((artifacts / "evaluate" / "metrics.json").read_text())
+    assert metrics["sparsity"]["overall"] == pytest.approx(0.6, abs=1e-3)
+    assert math.isfinite(metrics["pruned"]["perplexity"])
+    assert metrics["pruned"]["perplexity"] > metrics["dense"]["perplexity"]
+
+
 @pytest.mark.parametrize("name,family", [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "bert"),
                                          ("clip", "clip"), ("blip2", "blip2_qformer"), ("llava", "llava")])
 def test_cached_zeroth_order_matches_full_forwards(name, family, saved):
