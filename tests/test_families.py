@@ -335,17 +335,23 @@ def test_vqa_answer_normalisation():
     assert accepted_answers("fashion_mnist", ["t-shirt"])[0] == {"tshirt"}
 
 
-@pytest.mark.slow
-def test_smollm2_preset_wikipedia(tmp_path):
-    """The real SmolLM2-135M (offline, from its PyPI package) pruned with Wanda at 50%."""
+def small_preset(name: str, artifacts, *overrides: str):
+    """Preset ``params/presets/<name>.yaml`` at small sizes (8 calibration and 4 held-out windows of 128 tokens),
+    writing under ``artifacts``, untracked; ``overrides`` come last."""
     from pathlib import Path
 
     from params.schema import load_params
 
-    preset = Path(__file__).resolve().parents[1] / "params" / "presets" / "smollm2.yaml"
-    params = load_params(preset, [f"artifacts={tmp_path / 'artifacts'}", "tracking.enabled=false",
-                                  "calibration.n_samples=8", "calibration.batch_size=4", "scoring.n_samples=8", "data.seq_len=128",
-                                  "data.eval_windows=4", "evaluation.batch_size=4"])
+    preset = Path(__file__).resolve().parents[1] / "params" / "presets" / f"{name}.yaml"
+    return load_params(preset, [f"artifacts={artifacts}", "tracking.enabled=false", "calibration.n_samples=8",
+                                "calibration.batch_size=4", "data.seq_len=128", "data.eval_windows=4",
+                                "evaluation.batch_size=4", *overrides])
+
+
+@pytest.mark.slow
+def test_smollm2_preset_wikipedia(tmp_path):
+    """The real SmolLM2-135M (offline, from its PyPI package) pruned with Wanda at 50%."""
+    params = small_preset("smollm2", tmp_path / "artifacts", "scoring.n_samples=8")
     assert params.model.id == "smollm2" and params.pruning.method == "wanda"
     assert detect_family("smollm2") == "causal_lm"
     run_stages(params)
@@ -363,15 +369,8 @@ def test_smollm2_ecoflap_preset(tmp_path):
     """The real SmolLM2-135M pruned by the ECoFLaP preset (first-order scores, budget shared between single
     layers, Wanda at 60%), at small sizes: the budget is met over the layers, layers of one block get
     different sparsities, none above the cap p + 0.1, and the pruned model is evaluated."""
-    from pathlib import Path
-
-    from params.schema import load_params
-
-    preset = Path(__file__).resolve().parents[1] / "params" / "presets" / "smollm2_ecoflap.yaml"
     artifacts = tmp_path / "artifacts"
-    params = load_params(preset, [f"artifacts={artifacts}", "tracking.enabled=false", "calibration.n_samples=8",
-                                  "calibration.batch_size=4", "scoring.n_samples=4", "scoring.batch_size=4",
-                                  "data.seq_len=128", "data.eval_windows=4", "evaluation.batch_size=4"])
+    params = small_preset("smollm2_ecoflap", artifacts, "scoring.n_samples=4", "scoring.batch_size=4")
     assert (params.scoring.method, params.allocation.method, params.allocation.granularity) == (
         "first_order", "ecoflap", "layer")
     run_stages(params)
