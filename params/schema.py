@@ -212,6 +212,12 @@ class ScoringParams(Section):
                              "reference), or linearised at the input of a language model's output head, so perturbed "
                              "forwards stop there (linear: needs cache_inputs and a family with an output head: "
                              "causal_lm, llava, blip2, vision_lm; vlmprune/scorers/zeroth_order.py)")
+    l1_estimate: bool = Field(
+        False, description="zeroth_order, variant grad: multiply each perturbed unit's score by the square root of "
+                           "its weight count, so it estimates the gradient's L1 norm (first_order's default) rather "
+                           "than its L2 norm: exact in expectation when the gradient's entries are spread like a "
+                           "zero-mean normal; for allocation.granularity layer, where L2-type scores favour small "
+                           "layers (vlmprune/scorers/zeroth_order.py)")
 
     @field_validator("method")
     @classmethod
@@ -229,6 +235,10 @@ class ScoringParams(Section):
         if self.method == "zeroth_order" and self.head == "linear" and not self.cache_inputs:
             raise ValueError("scoring.head 'linear' needs scoring.cache_inputs: true (it takes the loss gradient in "
                              "the cached clean forward)")
+        if self.method == "zeroth_order" and self.l1_estimate and self.variant != "grad":
+            raise ValueError(f"scoring.l1_estimate applies to scoring.variant 'grad' only (variant is "
+                             f"{self.variant!r}; the others weigh each element already); remove scoring.l1_estimate "
+                             "or set the variant to grad")
         if self.method == "first_order" and self.norm != "l1" and self.variant != "grad":
             raise ValueError(f"scoring.norm {self.norm!r} applies to scoring.variant 'grad' only (variant is "
                              f"{self.variant!r}); remove scoring.norm or set the variant to grad")

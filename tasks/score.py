@@ -15,7 +15,7 @@ from vlmprune.scorers import SCORERS
 
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
     """First-order: activation checkpointing and the gradient norm. Zeroth-order: the unit perturbed
-    together (a group or one tensor) and the directions per batch; the blocks of every tower, so perturbed
+    together (a group or one tensor), the directions per batch and whether scores estimate an L1 norm; the blocks of every tower, so perturbed
     forwards start at their block, and with ``scoring.head: linear`` stop at the family's output head; on
     an offloaded model, the perturbed group is held in place."""
     s = params.scoring
@@ -23,7 +23,7 @@ def _scorer_options(params: RunParams, adapter, loaded) -> dict:
         return {"checkpointing": s.checkpointing, "norm": s.norm}
     if s.method != "zeroth_order":
         return {}
-    options = {"granularity": s.granularity, "n_directions": s.n_directions}
+    options = {"granularity": s.granularity, "n_directions": s.n_directions, "l1_estimate": s.l1_estimate}
     if loaded.offload:
         options["hold"] = loaded.offload.read_only
     if not s.cache_inputs:

@@ -87,6 +87,20 @@ def test_first_order_gradient_norm_reaches_the_scorer_and_applies_to_the_grad_va
         validate({"scoring": {"norm": "l3"}})
 
 
+def test_l1_estimate_reaches_the_zeroth_order_scorer_for_the_grad_variant_only():
+    from types import SimpleNamespace
+
+    from tasks.score import _scorer_options
+
+    params = validate({"scoring": {"l1_estimate": True, "cache_inputs": False}})
+    loaded = SimpleNamespace(offload=None)
+    assert _scorer_options(params, None, loaded) == {"granularity": "group", "n_directions": 1, "l1_estimate": True}
+    with pytest.raises(ParamsError, match="scoring.l1_estimate applies to scoring.variant 'grad' only"):
+        validate({"scoring": {"l1_estimate": True, "variant": "weight_grad"}})
+    # unused by first-order scores (they take the L1 norm through scoring.norm): a sweep may switch the method alone
+    assert validate({"scoring": {"method": "first_order", "l1_estimate": True}}).scoring.l1_estimate
+
+
 def test_linear_head_needs_the_block_cache():
     with pytest.raises(ParamsError, match="scoring.head 'linear' needs scoring.cache_inputs"):
         validate({"scoring": {"method": "zeroth_order", "head": "linear", "cache_inputs": False}})

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vlmprune.scorers import SCORERS, VARIANTS, ScoreResult
+from vlmprune.scorers.base import LossFn
 from vlmprune.scorers.block_cache import BlockCache
 from vlmprune.scorers.zeroth_order import directional_derivative_sums
 
@@ -268,6 +269,62 @@ def test_zeroth_order_group_estimate_matches_first_order_group_norms():
         assert exact[group] == pytest.approx(sum(norms), rel=1e-9)
         std = math.sqrt((1 - 2 / math.pi) / k * sum(v * v for v in norms))
         assert abs(estimate[group] - math.sqrt(2 / math.pi) * exact[group]) <= 4 * std, group
+
+
+def linear_loss_model(gradients: dict[str, torch.Tensor]) -> tuple[nn.Module, dict, LossFn]:
+    """Layers whose loss is linear in their weights, L = sum_l <C_l, W_l>: the gradient is C_l exactly and
+    every finite difference is exact up to rounding (float64)."""
+    model = nn.ModuleDict({name: nn.Linear(c.shape[1], c.shape[0], bias=False).double()
+                           for name, c in gradients.items()})
+
+    def loss(model, batch):
+        return sum((gradients[name] * layer.weight).sum() for name, layer in model.items())
+    return model, {"only": dict(model.items())}, loss
+
+
+def test_l1_estimate_is_the_l2_type_score_times_the_square_root_of_each_unit_size():
+    model = llama(factors=(3.0, 1.0, 0.3))
+    groups, batches = llama_groups(model), llama_batches()
+    for granularity in ("tensor", "group"):
+        raw = zeroth_order(model, groups, llama_loss, batches, granularity=granularity, n_directions=2)
+        l1 = zeroth_order(model, groups, llama_loss, batches, granularity=granularity, n_directions=2,
+                          l1_estimate=True)
+        for group, members in groups.items():
+            n_group = sum(m.weight.numel() for m in members.values())
+            for name, module in members.items():
+                n = module.weight.numel() if granularity == "tensor" else n_group
+                assert l1.layer_scores[name] == pytest.approx(math.sqrt(n) * raw.layer_scores[name], rel=1e-12)
+            assert l1.group_scores[group] == pytest.approx(sum(l1.layer_scores[n] for n in members), rel=1e-12)
+    with pytest.raises(ValueError, match="l1_estimate rescales the grad variant"):
+        zeroth_order(model, groups, llama_loss, batches, variant="weight_grad", l1_estimate=True)
+
+
+def test_l1_estimate_follows_the_l1_norm_of_normal_gradients_across_layer_sizes():
+    """L = sum_l <C_l, W_l>, so d = C_l . z exactly and one batch gives s_l = sqrt(n_l) mean_k |C_l . z_k|:
+    E[s_l] = sqrt(2/pi) sqrt(n_l) ||C_l||_2 with relative std sqrt((pi - 2) / 2) / sqrt(K) (4.4% at K = 300;
+    4 allowed). For C_l with standard normal entries that expectation is ||C_l||_1 to within about
+    1/sqrt(n_l) (checked here to 3%), so the layers' ratio follows their sizes (64 : 1) where the raw
+    L2-type scores' follows the square root (8 : 1). For entries all of one size (+-1) it is
+    sqrt(2/pi) ||C_l||_1: the factor kappa of the docstring."""
+    gen = torch.Generator().manual_seed(0)
+    k = 300
+    rel_std = math.sqrt((math.pi - 2) / 2 / k)
+    normal = {"big": torch.randn(64, 128, generator=gen, dtype=torch.float64),
+              "small": torch.randn(16, 8, generator=gen, dtype=torch.float64)}
+    signs = {"signs": torch.randn(32, 32, generator=gen, dtype=torch.float64).sign()}
+    for gradients, kappa in ((normal, 1.0), (signs, math.sqrt(2 / math.pi))):
+        model, groups, loss = linear_loss_model(gradients)
+        scores = zeroth_order(model, groups, loss, [{}], granularity="tensor", n_directions=k,
+                              l1_estimate=True).layer_scores
+        for name, c in gradients.items():
+            expected = math.sqrt(2 / math.pi) * math.sqrt(c.numel()) * float(c.norm())
+            assert abs(scores[name] - expected) <= 4 * rel_std * expected, (name, scores[name], expected)
+            assert expected == pytest.approx(kappa * float(c.abs().sum()), rel=0.03)
+    model, groups, loss = linear_loss_model(normal)
+    raw = zeroth_order(model, groups, loss, [{}], granularity="tensor", n_directions=k).layer_scores
+    scaled = zeroth_order(model, groups, loss, [{}], granularity="tensor", n_directions=k, l1_estimate=True).layer_scores
+    assert raw["big"] / raw["small"] == pytest.approx(8, rel=0.3)
+    assert scaled["big"] / scaled["small"] == pytest.approx(64, rel=0.3)
 
 
 def test_group_granularity_ranks_llama_blocks_like_the_reference():

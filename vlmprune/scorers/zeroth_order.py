@@ -54,6 +54,7 @@ def zeroth_order(
     difference: str = "central",
     hold: Callable[[str], contextlib.AbstractContextManager] | None = None,
     head: nn.Module | None = None,
+    l1_estimate: bool = False,
 ) -> ScoreResult:
     """Score groups by finite-difference directional derivatives of the loss, without backprop.
 
@@ -169,6 +170,22 @@ def zeroth_order(
             blocks instead of 30 - k + 17. Extra memory: h0 and G, two hidden
             states of one batch, plus the gradient of the logits in the clean
             forward's backward pass. Needs ``blocks``.
+        l1_estimate: ``grad`` only: multiply each unit's score by sqrt(n_u),
+            n_u its weight count, so that it estimates sum_b ||g_ub||_1 (the
+            first-order default, the reference's GradOnly) instead of an L2
+            norm. Since E|g . z| = sqrt(2/pi) ||g||_2,
+
+                sqrt(n) E|g . z| = kappa ||g||_1,
+                kappa = sqrt(2/pi) * rms(g) / mean|g|,
+
+            and kappa = 1 when g's entries are spread like a zero-mean normal
+            (mean|g| = sqrt(2/pi) rms(g)), sqrt(2/pi) ~= 0.80 when they are all
+            alike in size, above 1 for heavier tails. Raw L2-type scores grow
+            only with sqrt(n) for entries of one size, so a budget shared in
+            proportion to them (``allocation.granularity: layer``) moves weights
+            from large layers to small ones; the rescaled ones grow with n,
+            like the first-order L1 scores. Between units of one size (the
+            blocks of one tower) the factor is a constant and changes nothing.
 
     Runs under ``torch.no_grad()`` (with ``head``, the head and the loss of each clean forward are
     differentiated); the extra memory is a copy of one unit's
@@ -189,6 +206,9 @@ def zeroth_order(
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
         raise ValueError(f"n_directions must be an int >= 1, got {n_directions!r}")
+    if l1_estimate and variant != "grad":
+        raise ValueError(f"l1_estimate rescales the grad variant's |g . z| scores; variant {variant!r} weighs each "
+                         "element already")
 
     layers = collect_layers(model, groups)
     units = _units(layers, granularity)
@@ -265,6 +285,9 @@ def zeroth_order(
                         finally:
                             _restore(members, originals)
 
+    if l1_estimate:
+        for unit, members in units:
+            per_unit[unit] *= math.sqrt(sum(m.weight.numel() for m in members))
     if variant == "grad" and granularity == "group":
         group_scores = dict(per_unit)
         for unit, members in units:
