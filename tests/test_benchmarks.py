@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 
@@ -361,6 +362,32 @@ def test_scoring_cost_builds_a_model_from_a_config_and_prunes_it_on_random_token
     scores = [run_mode("zeroth_cached_fwd", 4, 16, 2, 1, f"config:{tmp_path / 'config.json'}", "random")["scores"]
               for _ in range(2)]
     assert len(scores[0]) == 2 and scores[0] == scores[1]  # seeded weights, tokens and directions
+
+
+def test_l1_estimate_benchmark_scores_follow_their_formulas(tmp_path, small_threads):
+    """benchmarks.l1_estimate on a tiny LM: the noise-free estimate is sqrt(2/pi) sqrt(n) sum_b ||g_b||_2, and
+    its sampled zeroth-order draws, sqrt(n) sum_b mean_k |N(0, ||g_b||^2)|, average to it (relative std of one
+    layer's draw with K = 4 and 2 batches at most 0.76 / sqrt(4 * 2) ~ 0.27; 400 draws: ~0.013, 5 allowed)."""
+    from transformers import LlamaConfig
+
+    from benchmarks.l1_estimate import allocate, gradient_norms, score_sets
+
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    norms = gradient_norms(f"config:{tmp_path / 'config.json'}", 4, 16, 2, 0, "random")
+    assert len(norms) == 14 and all(len(v["l1"]) == len(v["l2"]) == 2 for v in norms.values())
+    for v in norms.values():  # ||g||_2 <= ||g||_1 <= sqrt(n) ||g||_2 on every batch
+        assert all(b <= a <= math.sqrt(v["n"]) * b * (1 + 1e-12) for a, b in zip(v["l1"], v["l2"]))
+    sets = score_sets(norms, draws=400, directions=[4], seed=0)
+    noise_free = sets["L1 estimate, noise-free"]
+    for name, v in norms.items():
+        assert noise_free[name] == pytest.approx(math.sqrt(2 / math.pi * v["n"]) * sum(v["l2"]), rel=1e-12)
+        mean = sum(sets[f"zeroth K=4 draw {d}"][name] for d in range(400)) / 400
+        assert mean == pytest.approx(noise_free[name], rel=0.07)
+    allocation = allocate(norms, sets["first-order L1"], 0.7)
+    total = sum(v["n"] for v in norms.values())
+    kept = sum(round((1 - allocation[n]) * v["n"]) for n, v in norms.items())
+    assert kept == round(0.3 * total)  # ECoFLaP's exact budget of kept weights
 
 
 def test_structured_suite_on_the_tiny_dual_encoder(tiny_dual_encoder_dir, tmp_path, small_threads):
