@@ -116,8 +116,8 @@ def main() -> None:
         rows.append(row)
     print(f"{args.model}: {args.samples} {args.data} windows x {args.seq_len} tokens in batches of {args.batch_size}; "
           f"ECoFLaP per layer at {args.sparsity:.0%}, default cap. {machine()}")
-    print(f"Command: python -m benchmarks.l1_estimate --model {args.model} --data {args.data} --samples {args.samples} --seq-len "
-          f"{args.seq_len} --batch-size {args.batch_size} --sparsity {args.sparsity} --draws {args.draws} "
+    print(f"Command: python -m benchmarks.l1_estimate --model {args.model} --data {args.data} --samples {args.samples} "
+          f"--seq-len {args.seq_len} --batch-size {args.batch_size} --sparsity {args.sparsity} --draws {args.draws} "
           f"--directions {' '.join(map(str, args.directions))} --seed {args.seed}\n")
     print("Mean sparsity per kind of layer, by score set:\n")
     print(markdown_table(rows, list(rows[0])))

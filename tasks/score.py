@@ -15,9 +15,10 @@ from vlmprune.scorers import SCORERS
 
 def _scorer_options(params: RunParams, adapter, loaded) -> dict:
     """First-order: activation checkpointing and the gradient norm. Zeroth-order: the unit perturbed
-    together (a group or one tensor), the directions per batch and whether scores estimate an L1 norm; the blocks of every tower, so perturbed
-    forwards start at their block, and with ``scoring.head: linear`` stop at the family's output head; on
-    an offloaded model, the perturbed group is held in place."""
+    together (a group or one tensor), the directions per batch and whether scores estimate an L1 norm;
+    the blocks of every tower, so perturbed forwards start at their block, and with ``scoring.head:
+    linear`` stop at the family's output head; on an offloaded model, the perturbed group is held in
+    place."""
     s = params.scoring
     if s.method == "first_order":
         return {"checkpointing": s.checkpointing, "norm": s.norm}

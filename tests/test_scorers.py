@@ -322,7 +322,8 @@ def test_l1_estimate_follows_the_l1_norm_of_normal_gradients_across_layer_sizes(
             assert expected == pytest.approx(kappa * float(c.abs().sum()), rel=0.03)
     model, groups, loss = linear_loss_model(normal)
     raw = zeroth_order(model, groups, loss, [{}], granularity="tensor", n_directions=k).layer_scores
-    scaled = zeroth_order(model, groups, loss, [{}], granularity="tensor", n_directions=k, l1_estimate=True).layer_scores
+    scaled = zeroth_order(model, groups, loss, [{}], granularity="tensor", n_directions=k,
+                          l1_estimate=True).layer_scores
     assert raw["big"] / raw["small"] == pytest.approx(8, rel=0.3)
     assert scaled["big"] / scaled["small"] == pytest.approx(64, rel=0.3)
 

@@ -186,6 +186,9 @@ def zeroth_order(
             from large layers to small ones; the rescaled ones grow with n,
             like the first-order L1 scores. Between units of one size (the
             blocks of one tower) the factor is a constant and changes nothing.
+            No factor can undo tails that differ between layers: on SmolLM2
+            kappa is 1.2-1.6 for the MLP layers and 2.3-3.3 for the query,
+            key and value layers (``benchmarks/l1_estimate.py``).
 
     Runs under ``torch.no_grad()`` (with ``head``, the head and the loss of each clean forward are
     differentiated); the extra memory is a copy of one unit's
