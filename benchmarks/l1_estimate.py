@@ -32,6 +32,7 @@ def gradient_norms(model: str, samples: int, seq_len: int, batch_size: int, seed
     as in ``benchmarks.scoring_cost``, which also takes ``config:FILE.json`` and ``random``)."""
     from benchmarks.scoring_cost import CONFIG_PREFIX, batches_of, load_model, make_windows
     from vlmprune.adapters import ADAPTERS, detect_family
+    from vlmprune.scorers.base import only_these_require_grad
     from vlmprune.sparsity import model_layout
 
     adapter = ADAPTERS.get("causal_lm" if model.startswith(CONFIG_PREFIX) else detect_family(model))()
@@ -41,13 +42,15 @@ def gradient_norms(model: str, samples: int, seq_len: int, batch_size: int, seed
               for name, layer in g.layers.items()}
     norms = {name: {"group": group, "n": layer.weight.numel(), "l1": [], "l2": []}
              for name, (group, layer) in layers.items()}
-    for batch in batches:
-        loaded.model.zero_grad(set_to_none=True)
-        adapter.loss(loaded.model, batch).backward()
-        for name, (_, layer) in layers.items():
-            g = layer.weight.grad.double()
-            norms[name]["l1"].append(float(g.abs().sum()))
-            norms[name]["l2"].append(float(g.norm()))
+    with only_these_require_grad(loaded.model, [layer.weight for _, layer in layers.values()]):
+        for batch in batches:
+            loaded.model.zero_grad(set_to_none=True)
+            adapter.loss(loaded.model, batch).backward()
+            for name, (_, layer) in layers.items():
+                g = layer.weight.grad.double()
+                norms[name]["l1"].append(float(g.abs().sum()))
+                norms[name]["l2"].append(float(g.norm()))
+    loaded.model.zero_grad(set_to_none=True)
     return norms
 
 
@@ -100,8 +103,7 @@ def main() -> None:
     allocations = {label: allocate(norms, scores, args.sparsity) for label, scores in sets.items()}
     reference = allocations["first-order L1"]
     kinds = sorted({kind_of(name, v["group"]) for name, v in norms.items()})
-    c = math.sqrt(2 / math.pi)
-    kappa = {name: c * math.sqrt(v["n"]) * sum(v["l2"]) / sum(v["l1"]) for name, v in norms.items()}
+    kappa = {name: sets["L1 estimate, noise-free"][name] / sets["first-order L1"][name] for name in norms}
 
     def of_kind(kind):
         return [name for name, v in norms.items() if kind_of(name, v["group"]) == kind]
