@@ -27,7 +27,8 @@ with the same first ``--calibration-samples`` calibration samples, from the dens
 :class:`vlmprune.search.CandidatePruner`.
 
 To afford six searches on a small CPU, candidates are pruned once and their per-sample values
-cached: searches that meet the same policy (all share round 0) reuse it. ``cost s``
+cached: searches that meet the same policy (all share round 0) reuse it; the candidates log
+(``*_candidates.json``) keeps each candidate's per-sample values on its search subset. ``cost s``
 is what each search would have taken alone (the sum of its candidates' prune + score times, scoring
 always on the largest sample set here);
 ``new`` how many candidates it pruned itself.
@@ -415,13 +416,21 @@ def run_on(bench: Bench, args: Options, started: float) -> list[dict]:
                          "penalty": best.penalty, "chosen": f"{best.policy.base} {list(best.policy.q)}",
                          "new": len(bench.cache) - before, "cost s": cost, "wall s": time.perf_counter() - t})
             log.append([{"index": c.index, "round": c.round, "policy": c.policy.label(), "objective": c.objective,
-                         "penalty": c.penalty} for c in result.candidates])
+                         "penalty": c.penalty, **sample_values(per_sample(c.sparsity)[0], subsets[n])}
+                        for c in result.candidates])
             print(json.dumps(rows[-1]), flush=True)
             write(text_path, *context, rows)
     write(text_path, *context, rows)
     candidates = "search_candidates.json" if stem == "search" else f"{stem}_candidates.json"
     (Path(args.out) / candidates).write_text(json.dumps(log, indent=1) + "\n")
     return rows
+
+
+def sample_values(values: dict[str, torch.Tensor], subset: torch.Tensor) -> dict[str, list[float]]:
+    """A candidate's per-sample ``objective`` and ``accuracy`` values on the search subset, in the
+    candidates log (rounded to 6 digits), so that another penalty can be computed from a finished
+    search's candidates without pruning them again."""
+    return {f"{name} values": [round(float(v), 6) for v in values[name][subset]] for name in ("objective", "accuracy")}
 
 
 def search_columns(values: dict[str, torch.Tensor], subset: torch.Tensor, objective: str) -> dict[str, float]:

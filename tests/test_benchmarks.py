@@ -580,7 +580,15 @@ def test_search_benchmark_on_a_tiny_vision_lm_scores_the_answer_loss(tmp_path, s
     with torch.no_grad():
         assert float(adapter.loss(loaded.model, samples)) == pytest.approx(-float(dense.mean()), rel=1e-5)
     assert (tmp_path / "out" / "search_vision_lm.md").exists()
-    assert (tmp_path / "out" / "search_vision_lm_candidates.json").exists()
+    # the candidates log keeps each candidate's per-sample values on its own search subset: their mean is
+    # the objective the search saw
+    log = json.loads((tmp_path / "out" / "search_vision_lm_candidates.json").read_text())
+    assert [len(search) for search in log] == [2] * 6
+    for search, n in zip(log, (4, 4, 4, 8, 8, 8)):
+        for c in search:
+            assert len(c["objective values"]) == len(c["accuracy values"]) == n
+            assert statistics.fmean(c["objective values"]) == pytest.approx(c["objective"], abs=1e-6)
+            assert set(c["accuracy values"]) <= {0.0, 1.0}
 
 
 def test_search_draws_on_a_tiny_vision_lm_share_one_bench_and_match_separate_runs(tmp_path, small_threads, monkeypatch):
