@@ -54,11 +54,17 @@ def gradient_norms(model: str, samples: int, seq_len: int, batch_size: int, seed
     return norms
 
 
-def allocate(norms: dict, scores: dict[str, float], sparsity: float) -> dict[str, float]:
-    from vlmprune.allocators import ALLOCATORS, GroupInfo
+def layer_units(norms: dict, scores: dict[str, float]) -> list:
+    """One allocation unit (``GroupInfo``) per layer: its size and its score."""
+    from vlmprune.allocators import GroupInfo
 
-    units = [GroupInfo(name, "lm", v["n"], scores[name]) for name, v in norms.items()]
-    return ALLOCATORS.get("ecoflap")(units, sparsity)
+    return [GroupInfo(name, "lm", v["n"], scores[name]) for name, v in norms.items()]
+
+
+def allocate(norms: dict, scores: dict[str, float], sparsity: float) -> dict[str, float]:
+    from vlmprune.allocators import ALLOCATORS
+
+    return ALLOCATORS.get("ecoflap")(layer_units(norms, scores), sparsity)
 
 
 def score_sets(norms: dict, draws: int, directions: list[int], seed: int) -> dict[str, dict[str, float]]:

@@ -370,7 +370,8 @@ def test_l1_estimate_benchmark_scores_follow_their_formulas(tmp_path, small_thre
     layer's draw with K = 4 and 2 batches at most 0.76 / sqrt(4 * 2) ~ 0.27; 400 draws: ~0.013, 5 allowed)."""
     from transformers import LlamaConfig
 
-    from benchmarks.l1_estimate import allocate, gradient_norms, score_sets
+    from benchmarks.l1_estimate import allocate, gradient_norms, layer_units, score_sets
+    from vlmprune.allocators import kept_counts
 
     LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2).save_pretrained(tmp_path)
@@ -386,7 +387,7 @@ def test_l1_estimate_benchmark_scores_follow_their_formulas(tmp_path, small_thre
         assert mean == pytest.approx(noise_free[name], rel=0.07)
     allocation = allocate(norms, sets["first-order L1"], 0.7)
     total = sum(v["n"] for v in norms.values())
-    kept = sum(round((1 - allocation[n]) * v["n"]) for n, v in norms.items())
+    kept = sum(kept_counts(layer_units(norms, sets["first-order L1"]), allocation).values())
     assert kept == round(0.3 * total)  # ECoFLaP's exact budget of kept weights
 
 
